@@ -1,0 +1,44 @@
+"""Write what a finished run leaves behind: `hf_model/` and `metrics.json`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def update_metrics_json(path: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """Merge `metrics` into the flat `{"name": value}` file at `path` (created if missing)."""
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update({name: float(value) for name, value in metrics.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return merged
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The finite scalars among Lightning's logged metrics."""
+    out = {}
+    for name, value in metrics.items():
+        value = float(value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value)
+        if math.isfinite(value):
+            out[name] = value
+    return out
+
+
+class ExportCallback(L.Callback):
+    """At the end of `fit`, save the model and tokenizer with `save_pretrained` into
+    `<run dir>/hf_model/` (loadable with transformers' Auto classes) and the final metrics into
+    `<run dir>/metrics.json`."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir)
+        export_dir = run_dir / "hf_model"
+        pl_module.model.save_pretrained(export_dir)
+        trainer.datamodule.tokenizer.save_pretrained(export_dir)
+        update_metrics_json(run_dir / "metrics.json", scalar_metrics(trainer.callback_metrics))

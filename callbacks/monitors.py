@@ -1,0 +1,43 @@
+"""Logging callbacks: the live mask ratio and throughput under masklab's tag names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ThroughputMonitor
+
+
+class MaskRatioLogger(L.Callback):
+    """Logs `mask/ratio`: the ratio the masking policy applies right now."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("mask/ratio", trainer.datamodule.policy.ratio)
+
+
+def _batch_size(batch: dict) -> int:
+    return batch["input_ids"].size(0)
+
+
+def _batch_tokens(batch: dict) -> int:
+    return batch["input_ids"].numel()
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's `ThroughputMonitor`, counting tokens and logging under `perf/`
+    (`perf/tokens_per_sec`, `perf/samples_per_sec`, `perf/device/tokens_per_sec`, ...)."""
+
+    RENAMES = {"items": "tokens", "lengths": "tokens"}
+
+    def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
+        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs)
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        if not trainer._logger_connector.should_update_logs or trainer.state.stage != "train":
+            return
+        metrics = {}
+        for name, value in self._throughputs[trainer.state.stage].compute().items():
+            for old, new in self.RENAMES.items():
+                name = name.replace(old, new)
+            metrics[f"perf/{name}"] = value
+        trainer._logger_connector.log_metrics(metrics, step=iter_num)

@@ -1,0 +1,228 @@
+"""Masking policies: which tokens a model must predict, and what it sees in their place.
+
+A policy turns a `TokenBlock` (packed token ids plus what the datamodule knows about them) into
+the batch a LightningModule consumes::
+
+    input_ids       [B, L] long   what the model reads
+    labels          [B, L] long   what it must predict; -100 = no loss at this position
+    attention_mask  [B, L] long   1 = real token, 0 = padding
+    masked          [B, L] bool   positions the policy hid
+
+Label conventions follow the objective: ``"mlm"`` policies put labels on hidden positions only;
+``"causal"`` policies keep every original token as a label (the module shifts them for
+next-token prediction) and only corrupt the *input* (MEAP).
+
+Policies are vectorised over the batch and draw all randomness from the generator they are
+given, so a mask is a pure function of (block, generator state, ratio).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+Objective = Literal["mlm", "causal"]
+
+
+@dataclass(frozen=True, eq=False)
+class Vocab:
+    """What a policy needs to know about the tokenizer."""
+
+    size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int | None
+    is_special: Tensor  # [V] bool: never masked, never drawn as a random replacement
+    is_sentence_end: Tensor  # [V] bool: token closes a sentence (., !, ?) or a document
+
+    @property
+    def regular_ids(self) -> Tensor:
+        """Ids a random replacement may be drawn from."""
+        return (~self.is_special).nonzero().squeeze(1)
+
+    def as_dict(self) -> dict[str, int | None]:
+        """The ids a model config needs (plain data, so it can travel through the CLI)."""
+        return {
+            "vocab_size": self.size,
+            "pad_token_id": self.pad_id,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "mask_token_id": self.mask_id,
+        }
+
+
+@dataclass
+class TokenBlock:
+    """A batch of packed token ids, before masking."""
+
+    input_ids: Tensor  # [B, L] long
+    attention_mask: Tensor  # [B, L] long, 1 = real token
+    special: Tensor  # [B, L] bool
+    sentence_end: Tensor  # [B, L] bool, last token of a sentence or document
+    vocab: Vocab
+
+    @classmethod
+    def from_ids(cls, input_ids: Tensor, vocab: Vocab) -> TokenBlock:
+        return cls(
+            input_ids=input_ids,
+            attention_mask=(input_ids != vocab.pad_id).long(),
+            special=vocab.is_special[input_ids],
+            sentence_end=vocab.is_sentence_end[input_ids],
+            vocab=vocab,
+        )
+
+
+def check_ratio(value: float, key: str = "mask ratio") -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{key} must be in [0, 1], got {value}")
+
+
+class MaskingPolicy(ABC):
+    """Base of every policy: a live mask ratio plus the objective the labels are built for."""
+
+    objective: ClassVar[Objective]
+    needs_mask_token: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        # A shared-memory scalar: a callback in the main process changes the ratio and the
+        # collate in every DataLoader worker reads the new value on its next batch.
+        self._ratio = torch.full((1,), 0.15).share_memory_()
+
+    @property
+    def ratio(self) -> float:
+        return float(self._ratio[0])
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        check_ratio(value)
+        self._ratio[0] = float(value)
+
+    @abstractmethod
+    def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
+        """Mask `block`; returns input_ids, labels, attention_mask, masked."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ratio={self.ratio:.3f})"
+
+
+class NoMask(MaskingPolicy):
+    """Plain next-token prediction: the input is the text, every token is a label."""
+
+    objective = "causal"
+    needs_mask_token = False
+
+    def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
+        ids = block.input_ids
+        return {
+            "input_ids": ids,
+            "labels": ids.masked_fill(block.attention_mask == 0, IGNORE_INDEX),
+            "attention_mask": block.attention_mask,
+            "masked": torch.zeros_like(ids, dtype=torch.bool),
+        }
+
+
+class SelectionPolicy(MaskingPolicy):
+    """A policy that only decides *where* to mask; how the chosen tokens are hidden follows
+    from the objective.
+
+    Args:
+        objective: ``"mlm"`` (encoder: 80/10/10 corruption, loss on chosen tokens only) or
+            ``"causal"`` (decoder, MEAP-style: chosen input tokens become [MASK], every next token
+            stays a target).
+        mask_prob: MLM only: share of chosen tokens replaced by [MASK].
+        random_prob: MLM only: share replaced by a random non-special token (the rest is kept).
+    """
+
+    def __init__(self, objective: Objective = "mlm", mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
+        super().__init__()
+        if objective not in ("mlm", "causal"):
+            raise ValueError(f"objective must be 'mlm' or 'causal', got {objective!r}")
+        check_ratio(mask_prob, "mask_prob")
+        check_ratio(random_prob, "random_prob")
+        if mask_prob + random_prob > 1.0:
+            raise ValueError(f"mask_prob + random_prob must be <= 1, got {mask_prob} + {random_prob}")
+        self.objective = objective
+        self.mask_prob = mask_prob
+        self.random_prob = random_prob
+
+    @abstractmethod
+    def select(self, block: TokenBlock, generator: torch.Generator) -> Tensor:
+        """Return the positions to mask, a [B, L] bool tensor."""
+
+    def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
+        masked = self.select(block, generator)
+        if self.objective == "mlm":
+            return corrupt_mlm(block, masked, generator, self.mask_prob, self.random_prob)
+        return corrupt_input(block, masked)
+
+
+def corrupt_mlm(
+    block: TokenBlock, masked: Tensor, generator: torch.Generator, mask_prob: float = 0.8, random_prob: float = 0.1
+) -> dict[str, Tensor]:
+    """BERT corruption of the chosen positions: [MASK] / random token / unchanged."""
+    ids, vocab = block.input_ids, block.vocab
+    u = torch.rand(ids.shape, generator=generator)  # [B, L]
+    to_mask = masked & (u < mask_prob)
+    to_random = masked & (u >= mask_prob) & (u < mask_prob + random_prob)
+    regular = vocab.regular_ids
+    random_ids = regular[torch.randint(len(regular), ids.shape, generator=generator)]  # [B, L]
+    inputs = torch.where(to_mask, vocab.mask_id, ids)
+    inputs = torch.where(to_random, random_ids, inputs)
+    return {
+        "input_ids": inputs,
+        "labels": torch.where(masked, ids, IGNORE_INDEX),
+        "attention_mask": block.attention_mask,
+        "masked": masked,
+    }
+
+
+def corrupt_input(block: TokenBlock, masked: Tensor) -> dict[str, Tensor]:
+    """MEAP corruption: chosen input tokens become [MASK]; labels stay the original tokens."""
+    ids = block.input_ids
+    return {
+        "input_ids": torch.where(masked, block.vocab.mask_id, ids),
+        "labels": ids.masked_fill(block.attention_mask == 0, IGNORE_INDEX),
+        "attention_mask": block.attention_mask,
+        "masked": masked,
+    }
+
+
+class RandomMLMMask(SelectionPolicy):
+    """BERT masking: each non-special token is chosen with probability `ratio`, then 80/10/10."""
+
+    def __init__(self, mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
+        super().__init__("mlm", mask_prob, random_prob)
+
+    def select(self, block: TokenBlock, generator: torch.Generator) -> Tensor:
+        u = torch.rand(block.input_ids.shape, generator=generator)  # [B, L]
+        return (u < self.ratio) & ~block.special
+
+
+class MEAPInputMask(SelectionPolicy):
+    """MEAP pre-training (Zhuang et al. 2025): replace a share `ratio` of the input tokens by
+    [MASK] and train plain next-token prediction on the original text.
+
+    Args:
+        shared_positions: draw one set of positions for the whole batch, as the released code
+            does (the paper's text, and our default, draws per sequence).
+        mask_special_tokens: also allow BOS/EOS to be masked, as the released code does.
+    """
+
+    def __init__(self, shared_positions: bool = False, mask_special_tokens: bool = False) -> None:
+        super().__init__("causal")
+        self.shared_positions = shared_positions
+        self.mask_special_tokens = mask_special_tokens
+
+    def select(self, block: TokenBlock, generator: torch.Generator) -> Tensor:
+        batch, length = block.input_ids.shape
+        rows = 1 if self.shared_positions else batch
+        masked = torch.rand(rows, length, generator=generator) < self.ratio  # [rows, L]
+        masked = masked.expand(batch, length)
+        protected = block.special if not self.mask_special_tokens else block.attention_mask == 0
+        return masked & ~protected

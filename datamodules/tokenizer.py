@@ -1,0 +1,90 @@
+"""Tokenizers: train a byte-level BPE on the training text (cached), or load a local HF one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from datamodules.errors import DataError
+from datamodules.masking import Vocab
+
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+    "cls_token": "<cls>",
+    "sep_token": "<sep>",
+}
+SENTENCE_FINAL = (".", "!", "?")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with masklab's special tokens (ids 0..6, pad = 0)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def cached_bpe(cache_dir: Path, key: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """Train once per (corpus, vocab size); later runs and other ranks load the saved folder."""
+    target = cache_dir / "tokenizers" / key
+    if not (target / "tokenizer.json").exists():
+        tokenizer = train_bpe(texts, vocab_size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent))
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: a concurrent rank either sees all of it or none
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return AutoTokenizer.from_pretrained(target)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    if not Path(path).is_dir():
+        raise DataError(f"data.tokenizer_path: {path!r} is not a folder holding a saved tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.tokenizer_path: could not load a tokenizer from {path!r}: {err}") from err
+
+
+def vocab_of(tokenizer: PreTrainedTokenizerBase) -> Vocab:
+    """The per-type tables masking policies need."""
+    size = len(tokenizer)
+    is_special = torch.zeros(size, dtype=torch.bool)
+    is_special[tokenizer.all_special_ids] = True
+    surfaces = tokenizer.batch_decode([[i] for i in range(size)])
+    is_sentence_end = torch.tensor([s.rstrip().endswith(SENTENCE_FINAL) for s in surfaces]) & ~is_special
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    if eos is None or bos is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has neither a bos/cls nor an eos/sep token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    is_sentence_end[eos] = True
+    return Vocab(
+        size=size,
+        pad_id=pad,
+        bos_id=bos,
+        eos_id=eos,
+        mask_id=tokenizer.mask_token_id,
+        is_special=is_special,
+        is_sentence_end=is_sentence_end,
+    )

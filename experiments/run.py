@@ -1,0 +1,150 @@
+"""Train one experiment: ``python -m experiments.run --config experiments/configs/<name>.yaml``.
+
+Any key is overridable on the command line (``--trainer.max_steps 50 --data.mask_ratio 0.2``);
+``--print_config`` shows the resolved config. A run writes ``runs/<experiment>/version_<n>/``:
+``config.yaml``, TensorBoard events, ``checkpoints/`` (last + best), ``hf_model/`` and
+``metrics.json``. ``--ckpt_path <run dir>/checkpoints/last.ckpt`` (or ``last``) resumes a run
+into its own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks import ExportCallback, MaskRatioLogger, TokenThroughputMonitor, update_metrics_json
+from callbacks.export import scalar_metrics
+from datamodules import PretrainingDataModule
+from datamodules.errors import ConfigError, MasklabError
+from lightning_modules import LanguageModelModule
+
+RUN_VERSION_ENV = "MASKLAB_RUN_VERSION"  # hands the run dir chosen by rank 0 to the DDP workers it launches
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config as `config.yaml`; a resumed run adds `config.resume-<k>.yaml`
+    beside it instead of overwriting the original."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if not self.already_saved and trainer.log_dir and (Path(trainer.log_dir) / self.config_filename).exists():
+            resumes = len(list(Path(trainer.log_dir).glob("config.resume-*.yaml")))
+            self.config_filename = f"config.resume-{resumes + 1}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple[int, str | None]:
+    """The version directory this run logs into, and the checkpoint to resume from."""
+    root = runs_dir / experiment
+    if ckpt_path == "last":
+        candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"ckpt_path=last: no {root}/version_*/checkpoints/last.ckpt to resume from")
+        ckpt_path = str(candidates[-1])
+    if ckpt_path:
+        ckpt = Path(ckpt_path)
+        if not ckpt.is_file():
+            raise ConfigError(f"ckpt_path: {ckpt_path!r} is not a checkpoint file")
+        version_dir = ckpt.resolve().parent.parent
+        if version_dir.name.startswith("version_") and version_dir.parent == root.resolve():
+            return int(version_dir.name.removeprefix("version_")), ckpt_path
+    if RUN_VERSION_ENV in os.environ:
+        return int(os.environ[RUN_VERSION_ENV]), ckpt_path
+    root.mkdir(parents=True, exist_ok=True)
+    version = 0
+    while True:  # mkdir claims the number, so two runs started together never share a directory
+        try:
+            (root / f"version_{version}").mkdir()
+            return version, ckpt_path
+        except FileExistsError:
+            version += 1
+
+
+class MasklabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str | None, default=None,
+                            help="Run name: runs go to <runs_dir>/<experiment>/version_<n>. Default: the config file's name.")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Folder holding every experiment's runs.")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="Resume from this checkpoint, or 'last': the newest last.ckpt of this experiment.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.link_arguments("data.block_size", "model.init_args.block_size")
+        parser.link_arguments("data", "model.init_args.vocab", compute_fn=lambda data: data.model_vocab, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        errors = PretrainingDataModule.config_errors(**config.data)
+        if errors:
+            raise ConfigError(errors)
+        if config.experiment is None:
+            config_files = config.get("config") or []
+            config.experiment = Path(str(config_files[0])).stem if config_files else "default"
+        self.run_version, config.ckpt_path = resolve_run(Path(config.runs_dir), config.experiment, config.ckpt_path)
+
+    def instantiate_trainer(self, **kwargs):
+        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(
+                self.config.runs_dir, name=self.config.experiment, version=self.run_version, default_hp_metric=False
+            )
+        return super().instantiate_trainer(**kwargs)
+
+
+def compatibility_errors(model: LanguageModelModule, data: PretrainingDataModule) -> list[str]:
+    policy = data.policy
+    if policy.objective != model.objective:
+        return [
+            f"data.masking={type(policy).__name__} builds {policy.objective!r} batches but "
+            f"model={type(model).__name__} trains the {model.objective!r} objective"
+        ]
+    return []
+
+
+def main(args: list[str] | None = None) -> None:
+    claimed_version = RUN_VERSION_ENV not in os.environ
+    try:
+        cli = MasklabCLI(
+            LanguageModelModule,
+            PretrainingDataModule,
+            subclass_mode_model=True,
+            save_config_callback=SaveRunConfig,
+            seed_everything_default=0,
+            trainer_defaults={
+                "callbacks": [
+                    LearningRateMonitor(logging_interval="step"),
+                    TokenThroughputMonitor(),
+                    MaskRatioLogger(),
+                    ExportCallback(),
+                ]
+            },
+            run=False,
+            args=args,
+        )
+        if errors := compatibility_errors(cli.model, cli.datamodule):
+            raise ConfigError(errors)
+        os.environ[RUN_VERSION_ENV] = str(cli.run_version)
+        trainer = cli.trainer
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        final = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        if trainer.is_global_zero and final:
+            metrics = update_metrics_json(Path(trainer.log_dir) / "metrics.json", scalar_metrics(final[0]))
+            print(f"run dir: {trainer.log_dir}\nfinal: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    except MasklabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if claimed_version:
+            os.environ.pop(RUN_VERSION_ENV, None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""What every objective shares: the training step, metrics, optimiser and checkpoint state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+
+from datamodules.errors import ConfigError, raise_if_any
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay.
+
+    Args:
+        lr: peak learning rate.
+        min_lr_ratio: learning rate at the end of the cosine, as a share of `lr`.
+        warmup_steps: optimiser steps of linear warm-up.
+        weight_decay: decoupled weight decay of matrices (biases, norms and embeddings get none).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over labelled positions and their count (no division, so a batch
+    with nothing to predict gives 0, not NaN)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return losses, (labels != IGNORE_INDEX).sum()
+
+
+class LanguageModelModule(L.LightningModule):
+    """A transformers model trained on whatever the collate produced.
+
+    Subclasses say which transformers model to build and how logits line up with labels; the
+    module never knows which masking policy made the batch.
+    """
+
+    objective: ClassVar[str]
+    auto_model_class: ClassVar[type]
+    flops_per_batch: int | None = None  # read by ThroughputMonitor; FLOPs are not estimated yet
+
+    def __init__(
+        self,
+        vocab: dict[str, int | None] | None,
+        block_size: int,
+        optimizer: OptimizerConfig,
+        config_overrides: dict | None,
+        model_args: dict,
+    ) -> None:
+        super().__init__()
+        if vocab is None:
+            raise ConfigError("model.vocab is not set: it comes from the datamodule's tokenizer (data.model_vocab)")
+        self.vocab = vocab
+        self.block_size = block_size
+        self.optimizer_config = optimizer
+        config = self.build_config(vocab=vocab, **model_args, **(config_overrides or {}))
+        raise_if_any(self.position_errors(config, block_size))
+        self.model: PreTrainedModel = self.auto_model_class.from_config(config)
+        self.val_loss = MeanMetric()
+        self.val_acc = MeanMetric()
+
+    @classmethod
+    def build_config(cls, vocab: dict, **model_args) -> PretrainedConfig:
+        raise NotImplementedError
+
+    @staticmethod
+    def usable_positions(config: PretrainedConfig) -> int:
+        return config.max_position_embeddings
+
+    @classmethod
+    def position_errors(cls, config: PretrainedConfig, block_size: int) -> list[str]:
+        usable = cls.usable_positions(config)
+        if block_size > usable:
+            return [
+                f"data.block_size={block_size} is larger than the model's {usable} usable positions "
+                f"(model.max_position_embeddings={config.max_position_embeddings})"
+            ]
+        return []
+
+    def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Line logits up with the labels they predict (identity for MLM, a shift for causal)."""
+        return logits, labels
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean cross-entropy over labelled positions, their accuracy, and their count."""
+        logits, labels = self.align(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss_sum, count = token_cross_entropy(logits, labels)
+        correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+        return loss_sum / count.clamp_min(1), correct / count.clamp_min(1), count
+
+    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        loss, accuracy, count = self.loss(batch)
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", accuracy)
+        else:
+            metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+            metrics[0].update(loss, weight=count)
+            metrics[1].update(accuracy, weight=count)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()}, prog_bar=True)
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and not _is_embedding(self, p)]
+        decay_ids = {id(p) for p in decay}
+        no_decay = [p for p in self.parameters() if p.requires_grad and id(p) not in decay_ids]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=min(cfg.warmup_steps, total), num_training_steps=total, min_lr_rate=cfg.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # The dropout RNG is part of a run's state: without it a resumed run draws other dropout masks.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state:
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_embedding(module: L.LightningModule, param: torch.nn.Parameter) -> bool:
+    embeddings = [m.weight for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    return any(param is e for e in embeddings)
+

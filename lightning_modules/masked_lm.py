@@ -1,0 +1,69 @@
+"""Encoder objectives (MLM and its masking variants): predict the masked tokens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig
+
+from lightning_modules.base import LanguageModelModule, OptimizerConfig
+
+
+class MaskedLMModule(LanguageModelModule):
+    """A BERT, RoBERTa or DeBERTa-v2 encoder trained from scratch; loss on masked positions only.
+
+    Args:
+        vocab: token ids from the tokenizer; filled in from the datamodule by the CLI.
+        block_size: sequence length the data will feed; filled in from `data.block_size`.
+        arch: transformers model type.
+        hidden_size: model width.
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        intermediate_size: feed-forward width; None = 4 * hidden_size.
+        max_position_embeddings: longest sequence the model is built for.
+        dropout: hidden and attention dropout.
+        optimizer: AdamW and learning-rate schedule.
+        config_overrides: any other field of the transformers config, passed through unchanged.
+    """
+
+    objective = "mlm"
+    auto_model_class = AutoModelForMaskedLM
+
+    def __init__(
+        self,
+        vocab: dict[str, int | None] | None = None,
+        block_size: int = 128,
+        arch: Literal["bert", "roberta", "deberta-v2"] = "bert",
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 512,
+        dropout: float = 0.0,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        config_overrides: dict | None = None,
+    ) -> None:
+        model_args = dict(
+            arch=arch,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            max_position_embeddings=max_position_embeddings,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
+        self.save_hyperparameters()
+
+    @classmethod
+    def build_config(cls, vocab: dict, arch: str = "bert", **model_args) -> PretrainedConfig:
+        ids = {k: vocab[k] for k in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
+        extra = {"type_vocab_size": 1} if arch != "deberta-v2" else {}
+        return AutoConfig.for_model(arch, **ids, **extra, **model_args)
+
+    @staticmethod
+    def usable_positions(config: PretrainedConfig) -> int:
+        if config.model_type == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
+            return config.max_position_embeddings - config.pad_token_id - 1
+        return config.max_position_embeddings
