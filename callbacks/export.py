@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 
 def update_metrics_json(path: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -35,9 +34,10 @@ class ExportCallback(L.Callback):
     `<run dir>/hf_model/` (loadable with transformers' Auto classes) and the final metrics into
     `<run dir>/metrics.json`."""
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = Path(trainer.log_dir)
+        run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero:
+            return
         export_dir = run_dir / "hf_model"
         pl_module.model.save_pretrained(export_dir)
         trainer.datamodule.tokenizer.save_pretrained(export_dir)

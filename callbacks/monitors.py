@@ -29,7 +29,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     RENAMES = {"items": "tokens", "lengths": "tokens"}
 
-    def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
+    def __init__(self, window_size: int = 10, **kwargs: Any) -> None:
         super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs)
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
@@ -40,4 +40,6 @@ class TokenThroughputMonitor(ThroughputMonitor):
             for old, new in self.RENAMES.items():
                 name = name.replace(old, new)
             metrics[f"perf/{name}"] = value
+            if trainer.world_size == 1 and name.startswith("device/") and name.endswith("_per_sec"):
+                metrics[f"perf/{name.removeprefix('device/')}"] = value  # Lightning adds totals only for >1 device
         trainer._logger_connector.log_metrics(metrics, step=iter_num)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -22,6 +23,10 @@ from callbacks.export import scalar_metrics
 from datamodules import PretrainingDataModule
 from datamodules.errors import ConfigError, MasklabError
 from lightning_modules import LanguageModelModule
+
+# Our sampler skips the batches an interrupted epoch consumed (see ResumableSampler), so
+# Lightning's warning that a mid-epoch resume is unreliable does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 RUN_VERSION_ENV = "MASKLAB_RUN_VERSION"  # hands the run dir chosen by rank 0 to the DDP workers it launches
 
@@ -90,6 +95,19 @@ class MasklabCLI(LightningCLI):
             config_files = config.get("config") or []
             config.experiment = Path(str(config_files[0])).stem if config_files else "default"
         self.run_version, config.ckpt_path = resolve_run(Path(config.runs_dir), config.experiment, config.ckpt_path)
+        self.run_dir = Path(config.runs_dir) / config.experiment / f"version_{self.run_version}"
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Give back the version directory of a run that failed before writing anything."""
+        if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
 
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
@@ -109,7 +127,14 @@ def compatibility_errors(model: LanguageModelModule, data: PretrainingDataModule
     return []
 
 
-def main(args: list[str] | None = None) -> None:
+def masklab_cause(err: BaseException | None) -> MasklabError | None:
+    """Our own error behind `err` (jsonargparse wraps what a class raises while instantiating)."""
+    while err is not None and not isinstance(err, MasklabError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def main(args: list[str] | None = None) -> MasklabCLI:
     claimed_version = RUN_VERSION_ENV not in os.environ
     try:
         cli = MasklabCLI(
@@ -130,16 +155,22 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
         if errors := compatibility_errors(cli.model, cli.datamodule):
+            cli.release_run_dir()
             raise ConfigError(errors)
         os.environ[RUN_VERSION_ENV] = str(cli.run_version)
         trainer = cli.trainer
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
         final = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        run_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and final:
-            metrics = update_metrics_json(Path(trainer.log_dir) / "metrics.json", scalar_metrics(final[0]))
-            print(f"run dir: {trainer.log_dir}\nfinal: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    except MasklabError as err:
-        print(f"error: {err}", file=sys.stderr)
+            metrics = update_metrics_json(Path(run_dir) / "metrics.json", scalar_metrics(final[0]))
+            print(f"run dir: {run_dir}\nfinal: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        return cli
+    except Exception as err:
+        cause = masklab_cause(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
     finally:
         if claimed_version:

@@ -71,7 +71,7 @@ class LanguageModelModule(L.LightningModule):
         self.block_size = block_size
         self.optimizer_config = optimizer
         config = self.build_config(vocab=vocab, **model_args, **(config_overrides or {}))
-        raise_if_any(self.position_errors(config, block_size))
+        raise_if_any(self.shape_errors(config, block_size))
         self.model: PreTrainedModel = self.auto_model_class.from_config(config)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
@@ -85,14 +85,21 @@ class LanguageModelModule(L.LightningModule):
         return config.max_position_embeddings
 
     @classmethod
-    def position_errors(cls, config: PretrainedConfig, block_size: int) -> list[str]:
+    def shape_errors(cls, config: PretrainedConfig, block_size: int) -> list[str]:
+        errors = []
         usable = cls.usable_positions(config)
         if block_size > usable:
-            return [
+            errors.append(
                 f"data.block_size={block_size} is larger than the model's {usable} usable positions "
                 f"(model.max_position_embeddings={config.max_position_embeddings})"
-            ]
-        return []
+            )
+        heads = config.num_attention_heads
+        if config.hidden_size % heads:
+            errors.append(f"model.hidden_size={config.hidden_size} is not divisible by model.num_heads={heads}")
+        kv_heads = getattr(config, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            errors.append(f"model.num_heads={heads} is not divisible by model.num_kv_heads={kv_heads}")
+        return errors
 
     def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Line logits up with the labels they predict (identity for MLM, a shift for causal)."""
@@ -127,7 +134,11 @@ class LanguageModelModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()}, prog_bar=True)
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()},
+            prog_bar=True,
+            sync_dist=True,  # already synced by torchmetrics; this only tells Lightning so
+        )
         self.val_loss.reset()
         self.val_acc.reset()
 

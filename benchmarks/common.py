@@ -1,0 +1,121 @@
+"""Helpers shared by the benchmark commands: timing, the tiny datamodule, the quickstart model."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from datamodules import MaskingPolicy, PretrainingDataModule, RandomMLMMask
+from lightning_modules import CausalLMModule, OptimizerConfig
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "quickstart.yaml"
+
+
+def quiet() -> None:
+    """Silence progress bars, Lightning's info lines and its data-loader hints: a benchmark's
+    output should be its numbers."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def tiny_datamodule(
+    masking: MaskingPolicy | None = None,
+    builtin_documents: int = 300,
+    vocab_size: int = 2048,
+    block_size: int = 128,
+    batch_size: int = 32,
+) -> Iterator[PretrainingDataModule]:
+    """The built-in corpus tokenised and packed the way training does it, cached in a temp dir
+    that is removed afterwards (set up for "fit": `tokenizer`, `vocab`, `train_blocks`)."""
+    with tempfile.TemporaryDirectory(prefix="masklab-bench-") as cache_dir:
+        dm = PretrainingDataModule(
+            masking=masking if masking is not None else RandomMLMMask(),
+            builtin_documents=builtin_documents,
+            vocab_size=vocab_size,
+            block_size=block_size,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        yield dm
+
+
+def samples(dm: PretrainingDataModule, batch_size: int, batch_index: int = 0) -> list[tuple[int, Tensor]]:
+    """The `(index, LongTensor[L])` samples of one batch, as the training DataLoader hands them
+    to the collate (consecutive blocks, wrapping around the training set)."""
+    n = len(dm.train_blocks)
+    indices = [(batch_index * batch_size + i) % n for i in range(batch_size)]
+    return [(i, torch.from_numpy(dm.train_blocks[i].astype("int64"))) for i in indices]
+
+
+def quickstart_config() -> dict:
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def quickstart_optimizer_config() -> OptimizerConfig:
+    return OptimizerConfig(**quickstart_config()["model"]["init_args"].get("optimizer", {}))
+
+
+def quickstart_model(dm: PretrainingDataModule, cls: type[CausalLMModule] = CausalLMModule) -> CausalLMModule:
+    """The model of `experiments/configs/quickstart.yaml` (read from the file, so it stays in
+    sync), with the datamodule's vocabulary and block size."""
+    args = dict(quickstart_config()["model"]["init_args"])
+    args["optimizer"] = OptimizerConfig(**args.get("optimizer", {}))
+    torch.manual_seed(0)
+    return cls(vocab=dm.model_vocab, block_size=dm.block_size, **args)
+
+
+def adamw(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """The AdamW of `LanguageModelModule.configure_optimizers` (decay on matrices, none on
+    biases, norms and embeddings), without the learning-rate scheduler (which needs a Trainer)."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in params if id(p) not in decay_ids]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+    )
+
+
+def markdown_table(rows: list[tuple[str, str, str]]) -> str:
+    """A `metric | measured | target` table to paste into the README."""
+    lines = ["| metric | measured | target |", "| --- | --- | --- |"]
+    lines += [f"| {metric} | {measured} | {target} |" for metric, measured, target in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from datamodules.errors import ConfigError
+from datamodules.masking import IGNORE_INDEX
+from lightning_modules import CausalLMModule, MaskedLMModule, OptimizerConfig
+
+VOCAB = {"vocab_size": 40, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "mask_token_id": 4}
+TINY = dict(vocab=VOCAB, block_size=8, hidden_size=16, num_layers=2, num_heads=2)
+
+
+def by_hand(logits: torch.Tensor, targets: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Mean of -log softmax(logits[b, t])[y] over the (b, t, y) listed."""
+    losses = [-(logits[b, t].exp() / logits[b, t].exp().sum()).log()[y] for b, t, y in targets]
+    return torch.stack(losses).mean()
+
+
+def toy_batch():
+    input_ids = torch.tensor([[1, 7, 4, 9, 11, 2, 0, 0], [1, 5, 6, 4, 8, 12, 13, 2]])
+    return input_ids, torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
+
+
+def test_mlm_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    module = MaskedLMModule(**TINY).eval()
+    input_ids, attention_mask = toy_batch()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 2], labels[1, 3], labels[1, 5] = 8, 30, 12
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    loss, accuracy, count = module.loss(batch)
+    logits = module(input_ids, attention_mask)
+    torch.testing.assert_close(loss, by_hand(logits, [(0, 2, 8), (1, 3, 30), (1, 5, 12)]))
+    assert count.item() == 3
+    predicted = logits.argmax(-1)
+    expected_acc = sum(int(predicted[b, t] == y) for b, t, y in [(0, 2, 8), (1, 3, 30), (1, 5, 12)]) / 3
+    assert accuracy.item() == pytest.approx(expected_acc)
+
+
+def test_causal_loss_predicts_the_next_token_and_skips_padding():
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY).eval()
+    input_ids, attention_mask = toy_batch()
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    meap_input = input_ids.clone()
+    meap_input[1, 3] = 4  # a MEAP-masked input token; its original stays the target
+    loss, _, count = module.loss({"input_ids": meap_input, "attention_mask": attention_mask, "labels": labels})
+    logits = module(meap_input, attention_mask)
+    targets = [(b, t, int(labels[b, t + 1])) for b in range(2) for t in range(7) if labels[b, t + 1] != IGNORE_INDEX]
+    assert count.item() == len(targets) == 5 + 7
+    torch.testing.assert_close(loss, by_hand(logits, targets))
+
+
+def test_batch_with_nothing_to_predict_gives_zero_not_nan():
+    module = MaskedLMModule(**TINY)
+    input_ids, attention_mask = toy_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
+    loss, accuracy, count = module.loss(batch)
+    assert loss.item() == 0.0 and accuracy.item() == 0.0 and count.item() == 0
+    loss.backward()  # still a valid graph
+
+
+@pytest.mark.parametrize("module_class", [MaskedLMModule, CausalLMModule])
+def test_loss_falls_on_a_repeated_batch(module_class):
+    torch.manual_seed(0)
+    module = module_class(**TINY)
+    input_ids, attention_mask = toy_batch()
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = module.loss(batch)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("module_class", "extra", "usable"),
+    [(CausalLMModule, {}, 64), (MaskedLMModule, {"arch": "bert"}, 64), (MaskedLMModule, {"arch": "roberta"}, 63)],
+)
+def test_block_size_beyond_the_models_positions_is_refused(module_class, extra, usable):
+    args = {**TINY, **extra, "max_position_embeddings": 64}
+    module_class(**{**args, "block_size": usable})
+    with pytest.raises(ConfigError, match=f"data.block_size={usable + 1} is larger than the model's {usable} usable"):
+        module_class(**{**args, "block_size": usable + 1})
+
+
+def test_every_shape_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        CausalLMModule(**{**TINY, "hidden_size": 30, "num_heads": 4, "num_kv_heads": 3, "block_size": 4096})
+    assert len(err.value.errors) == 3
+    assert "model.num_heads=4 is not divisible by model.num_kv_heads=3" in str(err.value)
+
+
+def test_missing_vocab_is_explained():
+    with pytest.raises(ConfigError, match="model.vocab is not set"):
+        CausalLMModule(vocab=None)
+
+
+def test_llama_shape_comes_from_the_config():
+    module = CausalLMModule(**{**TINY, "num_kv_heads": 1, "hidden_size": 32}, rope_theta=500.0)
+    config = module.model.config
+    assert config.model_type == "llama" and config.num_key_value_heads == 1
+    assert config.rope_parameters["rope_theta"] == 500.0
+    assert config.intermediate_size == 64  # 8/3 * 32 rounded to a multiple of 64
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    module = MaskedLMModule(**TINY, optimizer=OptimizerConfig(weight_decay=0.3))
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    embedding = module.model.get_input_embeddings().weight
+    assert any(p is embedding for p in no_decay["params"])

@@ -1,0 +1,139 @@
+"""End to end through the entry point, as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from experiments.run import main
+
+CONFIGS = sorted(Path("experiments/configs").glob("*.yaml"))
+REQUIRED_TAGS = {"train/loss", "val/loss", "val/ppl", "mask/ratio", "perf/tokens_per_sec"}
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a run dir's TensorBoard events: {tag: {step: value}}."""
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return out
+
+
+def run(config: str, tiny_args: list[str], *extra: str):
+    return main(["--config", f"experiments/configs/{config}.yaml", *tiny_args, *extra])
+
+
+@pytest.mark.parametrize(
+    ("config", "auto_class"),
+    [("mlm_random", AutoModelForMaskedLM), ("ntp", AutoModelForCausalLM), ("meap", AutoModelForCausalLM)],
+)
+def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
+    cli = run(config, tiny_args, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
+              "--model.init_args.optimizer.warmup_steps", "2", "--model.init_args.optimizer.lr", "0.01",
+              "--trainer.log_every_n_steps", "5")
+    run_dir = tmp_path / "runs" / config / "version_0"
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "checkpoints", "hf_model", "metrics.json"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "best-step20.ckpt"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
+    logged = scalars(run_dir)
+    assert REQUIRED_TAGS <= set(logged)
+    losses = list(logged["train/loss"].values())
+    assert losses[-1] < losses[0]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["block_size"] == 32
+
+    # the export reloads offline with the Auto classes and computes what the trained module computes
+    model = auto_class.from_pretrained(run_dir / "hf_model", local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf_model", local_files_only=True)
+    ids = tokenizer("The code of Velora is 4812.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, cli.model.eval()(ids))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_runs(config, tiny_args, tmp_path):
+    text = config.read_text()
+    assert text.startswith("# "), f"{config} needs a comment header saying what it is for"
+    main(["--config", str(config), *tiny_args, "--trainer.max_steps", "2"])
+    assert (tmp_path / "runs" / config.stem / "version_0" / "hf_model" / "config.json").exists()
+
+
+def test_a_second_run_never_overwrites_the_first(tiny_args, tmp_path):
+    run("ntp", tiny_args, "--trainer.max_steps", "1")
+    first = (tmp_path / "runs" / "ntp" / "version_0" / "config.yaml").read_text()
+    run("ntp", tiny_args, "--trainer.max_steps", "1", "--experiment", "ntp")
+    assert (tmp_path / "runs" / "ntp" / "version_1" / "config.yaml").exists()
+    assert (tmp_path / "runs" / "ntp" / "version_0" / "config.yaml").read_text() == first
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_args, tmp_path):
+    common = [*tiny_args, "--trainer.max_steps", "8", "--trainer.val_check_interval", "3",
+              "--checkpoint.every_n_train_steps", "1", "--model.init_args.dropout", "0.1"]
+    run("mlm_random", common, "--experiment", "full", "--checkpoint.monitor", "null",
+        "--checkpoint.save_top_k", "-1", "--checkpoint.filename", "step{step}")
+    full_dir = tmp_path / "runs" / "full" / "version_0"
+    # an "interrupted" run: a copy of the full run's directory as it was at step 4
+    resumed_dir = tmp_path / "runs" / "part" / "version_0"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    (resumed_dir / "config.yaml").write_text("original")
+    (resumed_dir / "checkpoints" / "last.ckpt").write_bytes((full_dir / "checkpoints" / "step4.ckpt").read_bytes())
+    run("mlm_random", common, "--experiment", "part", "--ckpt_path", "last")
+    full, resumed = scalars(full_dir)["train/loss"], scalars(resumed_dir)["train/loss"]
+    assert sorted(resumed) == [4, 5, 6, 7]
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(4, 8)]), torch.tensor([full[s] for s in range(4, 8)]))
+    assert (resumed_dir / "config.yaml").read_text() == "original"  # kept; the resume adds its own
+    assert (resumed_dir / "config.resume-1.yaml").exists()
+    assert not (tmp_path / "runs" / "part" / "version_1").exists()
+
+
+def test_ddp_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
+    command = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/meap.yaml", *tiny_args,
+               "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs" / "meap").iterdir()] == ["version_0"]
+    assert (tmp_path / "runs" / "meap" / "version_0" / "hf_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--data.mask_ratio", "1.5"], "data.mask_ratio must be in [0, 1], got 1.5"),
+        (["--data.data_path", "/no/such/corpus"], "data.data_path: '/no/such/corpus' does not exist"),
+        (["--data.block_size", "4096"], "data.block_size=4096 is larger than the model's"),
+        (["--model.init_args.max_position_embeddings", "16"], "data.block_size=32 is larger than the model's 16"),
+        (["--data.masking", "datamodules.NoMask"], "data.masking=NoMask builds 'causal' batches but model=MaskedLMModule"),
+    ],
+)
+def test_bad_input_is_one_clear_line(override, message, tiny_args, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        run("mlm_random", tiny_args, *override)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list((tmp_path / "runs").glob("*/version_*"))  # nothing half-written, no number taken
+
+
+def test_unknown_config_key_is_named(tiny_args, capsys):
+    with pytest.raises(SystemExit):
+        run("mlm_random", tiny_args, "--data.mask_ration", "0.2")
+    assert "mask_ration" in capsys.readouterr().err
+
+
+def test_error_from_the_command_line_has_no_traceback(tmp_path):
+    command = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/ntp.yaml",
+               "--runs_dir", str(tmp_path), "--data.mask_ratio", "-0.2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: data.mask_ratio must be in [0, 1], got -0.2"
+    assert "Traceback" not in result.stderr
