@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -31,6 +32,41 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+
+
+class CpuContention:
+    """How much CPU *other* processes used while a benchmark ran (Linux: /proc/stat), and how
+    much the hypervisor stole. Ratios of wall times are only trustworthy when both are ~0: on a
+    2-core machine one busy neighbour process moves a step time by tens of percent."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[list[int], float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                jiffies = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        return jiffies, own.user + own.system, time.perf_counter()
+
+    def report(self) -> str:
+        end = self._sample()
+        if self.start is None or end is None:
+            return "CPU contention: unknown (no /proc/stat)"
+        (j0, own0, _), (j1, own1, _) = self.start, end
+        delta = [b - a for a, b in zip(j0, j1)]
+        hz = os.sysconf("SC_CLK_TCK")
+        total = sum(delta) / hz  # CPU-seconds the machine had (all cores)
+        user, nice, system, idle, iowait, irq, softirq, steal = (d / hz for d in delta)
+        busy = user + nice + system + irq + softirq
+        others = max(busy - (own1 - own0), 0.0)
+        return (
+            f"CPU contention during this run: other processes {others / total:.0%} of the machine's CPU, "
+            f"hypervisor steal {steal / total:.0%} (ratios are reliable only when both are near 0%)"
+        )
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:

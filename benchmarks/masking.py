@@ -30,6 +30,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 from benchmarks.common import (
+    CpuContention,
     adamw,
     markdown_table,
     quickstart_config,
@@ -138,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet()
+    contention = CpuContention()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tiny_datamodule(
         builtin_documents=args.documents, vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size
@@ -155,7 +157,7 @@ def main() -> None:
         print(f"  collate: {share['collate'] * 1e3:.3f} ms   step (fwd + bwd + AdamW + zero_grad): {share['step'] * 1e3:.1f} ms")
         print(f"  share collate / (collate + step): {share['share']:.3%}  (target <= {SHARE_TARGET:.0%}: {verdict(share['share'] <= SHARE_TARGET)})")
 
-    print()
+    print(f"\n{contention.report()}\n")
     print(markdown_table([
         (f"collate tokens/s, masklab / transformers (MLM 0.15, {args.batch_size}x{args.block_size})",
          f"{ratio:.1f}x ({speed['ours'] / 1e6:.1f}M vs {speed['theirs'] / 1e6:.2f}M tok/s)", f">= {SPEEDUP_TARGET:.0f}x"),

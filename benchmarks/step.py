@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import (
+    CpuContention,
     adamw,
     markdown_table,
     quickstart_config,
@@ -220,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet()
+    contention = CpuContention()
     data = quickstart_config()["data"]
     batch_size = args.batch_size or data["batch_size"]
     block_size = args.block_size or data["block_size"]
@@ -250,7 +252,7 @@ def main() -> None:
               f"(target >= {TRAINER_TARGET}: {verdict(loop['ratio'] >= TRAINER_TARGET)})")
         print(f"  noise: halves {loop['halves'][0]:.3f} / {loop['halves'][1]:.3f}")
 
-    print()
+    print(f"\n{contention.report()}\n")
     print(markdown_table([
         (f"step time MEAP / NTP (quickstart model, batch {batch_size}x{block_size})",
          f"{meap['ratio']:.3f} ({meap['meap'] * 1e3:.0f} vs {meap['ntp'] * 1e3:.0f} ms)", f"<= {MEAP_TARGET}"),

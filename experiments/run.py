@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -135,6 +136,9 @@ def masklab_cause(err: BaseException | None) -> MasklabError | None:
 
 
 def main(args: list[str] | None = None) -> MasklabCLI:
+    # Tiny values in AdamW states and gradients turn into denormal floats, which x86 CPUs compute
+    # up to 10x slower; flushing them to zero keeps CPU training at full speed (no effect on GPU).
+    torch.set_flush_denormal(True)
     claimed_version = RUN_VERSION_ENV not in os.environ
     try:
         cli = MasklabCLI(

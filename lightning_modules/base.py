@@ -70,8 +70,9 @@ class LanguageModelModule(L.LightningModule):
         self.vocab = vocab
         self.block_size = block_size
         self.optimizer_config = optimizer
-        config = self.build_config(vocab=vocab, **model_args, **(config_overrides or {}))
-        raise_if_any(self.shape_errors(config, block_size))
+        model_args = {**model_args, **(config_overrides or {})}
+        raise_if_any(self.shape_errors(model_args, vocab, block_size))
+        config = self.build_config(vocab=vocab, **model_args)
         self.model: PreTrainedModel = self.auto_model_class.from_config(config)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
@@ -81,22 +82,23 @@ class LanguageModelModule(L.LightningModule):
         raise NotImplementedError
 
     @staticmethod
-    def usable_positions(config: PretrainedConfig) -> int:
-        return config.max_position_embeddings
+    def usable_positions(model_args: dict, vocab: dict) -> int:
+        return model_args["max_position_embeddings"]
 
     @classmethod
-    def shape_errors(cls, config: PretrainedConfig, block_size: int) -> list[str]:
+    def shape_errors(cls, model_args: dict, vocab: dict, block_size: int) -> list[str]:
+        """Checked before transformers sees the config, so every problem is named at once."""
         errors = []
-        usable = cls.usable_positions(config)
+        usable = cls.usable_positions(model_args, vocab)
         if block_size > usable:
             errors.append(
                 f"data.block_size={block_size} is larger than the model's {usable} usable positions "
-                f"(model.max_position_embeddings={config.max_position_embeddings})"
+                f"(model.max_position_embeddings={model_args['max_position_embeddings']})"
             )
-        heads = config.num_attention_heads
-        if config.hidden_size % heads:
-            errors.append(f"model.hidden_size={config.hidden_size} is not divisible by model.num_heads={heads}")
-        kv_heads = getattr(config, "num_key_value_heads", heads)
+        hidden, heads = model_args["hidden_size"], model_args["num_attention_heads"]
+        if hidden % heads:
+            errors.append(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}")
+        kv_heads = model_args.get("num_key_value_heads", heads)
         if heads % kv_heads:
             errors.append(f"model.num_heads={heads} is not divisible by model.num_kv_heads={kv_heads}")
         return errors

@@ -63,7 +63,7 @@ class MaskedLMModule(LanguageModelModule):
         return AutoConfig.for_model(arch, **ids, **extra, **model_args)
 
     @staticmethod
-    def usable_positions(config: PretrainedConfig) -> int:
-        if config.model_type == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
-            return config.max_position_embeddings - config.pad_token_id - 1
-        return config.max_position_embeddings
+    def usable_positions(model_args: dict, vocab: dict) -> int:
+        if model_args["arch"] == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
+            return model_args["max_position_embeddings"] - vocab["pad_token_id"] - 1
+        return model_args["max_position_embeddings"]
