@@ -147,6 +147,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             subclass_mode_model=True,
             save_config_callback=SaveRunConfig,
             seed_everything_default=0,
+            auto_configure_optimizers=False,  # the module's OptimizerConfig is the one optimiser setting
             trainer_defaults={
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),

@@ -38,11 +38,22 @@ class OptimizerConfig:
     eps: float = 1e-8
 
 
-def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over labelled positions and their count (no division, so a batch
-    with nothing to predict gives 0, not NaN)."""
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return losses, (labels != IGNORE_INDEX).sum()
+@dataclass
+class TokenStats:
+    """Per-position results of a step, for callbacks that learn from them (AMLM difficulty,
+    entropy masking). Positions line up with the labels they score; all tensors are detached."""
+
+    labels: Tensor  # [B, L'] token to predict, -100 = none
+    inputs: Tensor  # [B, L'] input token at the label's position (the [MASK] for MLM / MEAP)
+    loss: Tensor  # [B, L'] float32 cross-entropy, 0 where unlabelled
+    correct: Tensor  # [B, L'] bool, argmax == label
+    entropy: Tensor | None  # [B, L'] float32 predictive entropy, when the module was asked for it
+
+
+def predictive_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the softmax over the last dimension."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 class LanguageModelModule(L.LightningModule):
@@ -55,6 +66,7 @@ class LanguageModelModule(L.LightningModule):
     objective: ClassVar[str]
     auto_model_class: ClassVar[type]
     flops_per_batch: int | None = None  # read by ThroughputMonitor; FLOPs are not estimated yet
+    collect_entropy: bool = False  # set by callbacks that need `TokenStats.entropy` (costs a softmax)
 
     def __init__(
         self,
@@ -103,32 +115,53 @@ class LanguageModelModule(L.LightningModule):
             errors.append(f"model.num_heads={heads} is not divisible by model.num_kv_heads={kv_heads}")
         return errors
 
-    def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
         """Line logits up with the labels they predict (identity for MLM, a shift for causal)."""
-        return logits, labels
+        return (logits, *per_position)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
 
+    def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
+        """Mean cross-entropy over labelled positions (0, not NaN, when there are none), and the
+        per-position statistics behind it."""
+        logits = self(batch["input_ids"], batch["attention_mask"])  # [B, L, V]
+        logits, labels, inputs = self.align(logits, batch["labels"], batch["input_ids"])
+        token_loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)  # [B, L']
+        labelled = labels != IGNORE_INDEX
+        loss = token_loss.sum() / labelled.sum().clamp_min(1)
+        with torch.no_grad():
+            stats = TokenStats(
+                labels=labels,
+                inputs=inputs,
+                loss=token_loss.detach(),
+                correct=(logits.argmax(-1) == labels) & labelled,
+                entropy=predictive_entropy(logits) if self.collect_entropy else None,
+            )
+        return loss, stats
+
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Mean cross-entropy over labelled positions, their accuracy, and their count."""
-        logits, labels = self.align(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        loss_sum, count = token_cross_entropy(logits, labels)
-        correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
-        return loss_sum / count.clamp_min(1), correct / count.clamp_min(1), count
+        loss, stats = self.step(batch)
+        count = (stats.labels != IGNORE_INDEX).sum()
+        return loss, stats.correct.sum() / count.clamp_min(1), count
 
-    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        loss, accuracy, count = self.loss(batch)
+    def shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor | TokenStats]:
+        loss, stats = self.step(batch)
+        count = (stats.labels != IGNORE_INDEX).sum()
+        accuracy = stats.correct.sum() / count.clamp_min(1)
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/acc", accuracy)
         else:
-            metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
-            metrics[0].update(loss, weight=count)
-            metrics[1].update(accuracy, weight=count)
-        return loss
+            getattr(self, f"{stage}_loss").update(loss, weight=count)
+            getattr(self, f"{stage}_acc").update(accuracy, weight=count)
+        return {"loss": loss, "token_stats": stats}
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
+        """Returns the loss and `token_stats`, which callbacks receive as `outputs`."""
         return self.shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -64,5 +64,6 @@ class CausalLMModule(LanguageModelModule):
         ids = {k: vocab[k] for k in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
         return AutoConfig.for_model("llama", **ids, **model_args)
 
-    def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
+        # position t predicts token t+1: drop the last logit and the first label / input
+        return (logits[:, :-1], *(t[:, 1:] for t in per_position))

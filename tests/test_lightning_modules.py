@@ -116,3 +116,29 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert all(p.ndim >= 2 for p in decay["params"])
     embedding = module.model.get_input_embeddings().weight
     assert any(p is embedding for p in no_decay["params"])
+
+
+def test_predictive_entropy_of_known_distributions():
+    from lightning_modules.base import predictive_entropy
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1e4, -1e4], [1e4, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(predictive_entropy(logits), torch.tensor([4.0, 2.0, 1.0]).log())
+
+
+def test_token_stats_line_up_with_the_labels_they_score():
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY).eval()
+    module.collect_entropy = True
+    input_ids, attention_mask = toy_batch()
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    loss, stats = module.step({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    assert torch.equal(stats.labels, labels[:, 1:]) and torch.equal(stats.inputs, input_ids[:, 1:])
+    logits = module(input_ids, attention_mask)[:, :-1]
+    log_p = logits.log_softmax(-1)
+    b, t = 1, 3  # predicts labels[1, 4] from the prefix up to position 3
+    torch.testing.assert_close(stats.loss[b, t], -log_p[b, t, labels[b, t + 1]])
+    torch.testing.assert_close(stats.entropy[b, t], -(log_p[b, t].exp() * log_p[b, t]).sum())
+    assert (stats.loss[0, 5:] == 0).all() and not stats.correct[0, 5:].any()  # padding scores nothing
+    torch.testing.assert_close(loss, stats.loss.sum() / (labels[:, 1:] != IGNORE_INDEX).sum())
+    module.collect_entropy = False
+    assert module.step({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})[1].entropy is None
