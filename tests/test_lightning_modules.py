@@ -142,3 +142,17 @@ def test_token_stats_line_up_with_the_labels_they_score():
     torch.testing.assert_close(loss, stats.loss.sum() / (labels[:, 1:] != IGNORE_INDEX).sum())
     module.collect_entropy = False
     assert module.step({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})[1].entropy is None
+
+
+@pytest.mark.parametrize(("name", "millions"), [("llama_100m", (80, 130)), ("llama_500m", (350, 550)), ("llama_1b", (1000, 1400))])
+def test_paper_sized_model_configs_build_the_advertised_size(name, millions):
+    import yaml
+    from pathlib import Path
+
+    spec = yaml.safe_load(Path(f"experiments/configs/models/{name}.yaml").read_text())
+    init_args = {k: v for k, v in spec["init_args"].items() if k != "optimizer"}
+    vocab = {**VOCAB, "vocab_size": 32064}
+    with torch.device("meta"):  # shapes only: no memory, no time
+        module = CausalLMModule(vocab=vocab, block_size=4096, **init_args)
+    params = sum(p.numel() for p in module.parameters()) / 1e6
+    assert millions[0] <= params <= millions[1]
