@@ -19,6 +19,7 @@ from torch import Tensor
 from datamodules import MaskingPolicy, PretrainingDataModule, RandomMLMMask
 from lightning_modules import CausalLMModule, OptimizerConfig
 
+RELIABLE_CONTENTION = 0.05  # other processes + steal, as a share of all cores
 QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "quickstart.yaml"
 
 
@@ -32,6 +33,8 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
 
 
 class CpuContention:
@@ -52,21 +55,30 @@ class CpuContention:
         own = os.times()
         return jiffies, own.user + own.system, time.perf_counter()
 
-    def report(self) -> str:
+    def measure(self) -> tuple[float, float] | None:
+        """(share of the machine's CPU used by other processes, share stolen by the hypervisor)
+        since construction; None where /proc/stat is missing."""
         end = self._sample()
         if self.start is None or end is None:
-            return "CPU contention: unknown (no /proc/stat)"
+            return None
         (j0, own0, _), (j1, own1, _) = self.start, end
-        delta = [b - a for a, b in zip(j0, j1)]
         hz = os.sysconf("SC_CLK_TCK")
-        total = sum(delta) / hz  # CPU-seconds the machine had (all cores)
-        user, nice, system, idle, iowait, irq, softirq, steal = (d / hz for d in delta)
-        busy = user + nice + system + irq + softirq
-        others = max(busy - (own1 - own0), 0.0)
-        return (
-            f"CPU contention during this run: other processes {others / total:.0%} of the machine's CPU, "
-            f"hypervisor steal {steal / total:.0%} (ratios are reliable only when both are near 0%)"
-        )
+        user, nice, system, idle, iowait, irq, softirq, steal = ((b - a) / hz for a, b in zip(j0, j1))
+        total = user + nice + system + idle + iowait + irq + softirq + steal  # CPU-seconds, all cores
+        others = max(user + nice + system + irq + softirq - (own1 - own0), 0.0)
+        return others / total, steal / total
+
+    def report(self) -> tuple[str, tuple[str, str, str]]:
+        """A sentence for the log and a row for the results table."""
+        shares = self.measure()
+        if shares is None:
+            return "CPU contention: unknown (no /proc/stat)", ("CPU used by other processes during the run", "unknown", "~0%")
+        others, steal = shares
+        line = f"CPU contention during this run: other processes {others:.0%} of the machine's CPU, hypervisor steal {steal:.0%}"
+        if others + steal > RELIABLE_CONTENTION:
+            line += "\nWARNING: the machine was busy; the ratios above are unreliable, run again on an idle machine"
+        return line, ("CPU used by other processes (+ steal) during the run", f"{others:.0%} (+ {steal:.0%})",
+                      f"~0% (ratios unreliable above {RELIABLE_CONTENTION:.0%})")
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:

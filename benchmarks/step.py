@@ -252,12 +252,14 @@ def main() -> None:
               f"(target >= {TRAINER_TARGET}: {verdict(loop['ratio'] >= TRAINER_TARGET)})")
         print(f"  noise: halves {loop['halves'][0]:.3f} / {loop['halves'][1]:.3f}")
 
-    print(f"\n{contention.report()}\n")
+    contention_line, contention_row = contention.report()
+    print(f"\n{contention_line}\n")
     print(markdown_table([
         (f"step time MEAP / NTP (quickstart model, batch {batch_size}x{block_size})",
          f"{meap['ratio']:.3f} ({meap['meap'] * 1e3:.0f} vs {meap['ntp'] * 1e3:.0f} ms)", f"<= {MEAP_TARGET}"),
         ("throughput Lightning Trainer / plain PyTorch loop",
          f"{loop['ratio']:.3f} ({loop['trainer'] * 1e3:.0f} vs {loop['plain'] * 1e3:.0f} ms/step)", f">= {TRAINER_TARGET}"),
+        contention_row,
     ]))
 
 

@@ -1,6 +1,15 @@
 """Everything that acts between steps: schedules, analyses, logging, export."""
 
+from callbacks.adaptive_masking import AdaptiveMaskingCallback
 from callbacks.export import ExportCallback, update_metrics_json
 from callbacks.monitors import MaskRatioLogger, TokenThroughputMonitor
+from callbacks.ratio_schedule import MaskRatioSchedule
 
-__all__ = ["ExportCallback", "MaskRatioLogger", "TokenThroughputMonitor", "update_metrics_json"]
+__all__ = [
+    "AdaptiveMaskingCallback",
+    "ExportCallback",
+    "MaskRatioLogger",
+    "MaskRatioSchedule",
+    "TokenThroughputMonitor",
+    "update_metrics_json",
+]

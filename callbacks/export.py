@@ -39,6 +39,6 @@ class ExportCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         export_dir = run_dir / "hf_model"
-        pl_module.model.save_pretrained(export_dir)
+        pl_module.export_model().save_pretrained(export_dir)
         trainer.datamodule.tokenizer.save_pretrained(export_dir)
         update_metrics_json(run_dir / "metrics.json", scalar_metrics(trainer.callback_metrics))

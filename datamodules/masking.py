@@ -40,6 +40,7 @@ class Vocab:
     mask_id: int | None
     is_special: Tensor  # [V] bool: never masked, never drawn as a random replacement
     is_sentence_end: Tensor  # [V] bool: token closes a sentence (., !, ?) or a document
+    is_word_start: Tensor  # [V] bool: token begins a word (whole-word masking); special tokens too
 
     @property
     def regular_ids(self) -> Tensor:
@@ -102,6 +103,10 @@ class MaskingPolicy(ABC):
     def ratio(self, value: float) -> None:
         check_ratio(value)
         self._ratio[0] = float(value)
+
+    def setup(self, vocab: Vocab) -> None:
+        """Called by the datamodule once the tokenizer is known, before any DataLoader worker
+        starts: allocate per-type state here (in shared memory, if callbacks update it)."""
 
     @abstractmethod
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:

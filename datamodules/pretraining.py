@@ -174,9 +174,11 @@ class PretrainingDataModule(L.LightningDataModule):
         return vocab_of(self.tokenizer)
 
     @property
-    def model_vocab(self) -> dict[str, int | None]:
-        """Token ids the model config needs; linked to `model.vocab` by the CLI."""
-        return self.vocab.as_dict()
+    def model_vocab(self) -> dict:
+        """What the model needs of the tokenizer (ids for its config, token strings for n-hot
+        embeddings); linked to `model.vocab` by the CLI."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab.size)))
+        return {**self.vocab.as_dict(), "tokens": ["" if s else t for t, s in zip(tokens, self.vocab.is_special.tolist())]}
 
     # ---- text and blocks ---------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class PretrainingDataModule(L.LightningDataModule):
             raise DataError(
                 f"tokenizer {self.tokenizer.name_or_path!r} has no mask token, but {type(self.policy).__name__} needs one"
             )
+        self.policy.setup(self.vocab)
         self.train_blocks = self._blocks("train")
         self.val_batches = self._masked_validation(self._blocks("validation"))
 

@@ -79,6 +79,7 @@ def vocab_of(tokenizer: PreTrainedTokenizerBase) -> Vocab:
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has neither a bos/cls nor an eos/sep token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     is_sentence_end[eos] = True
+    is_word_start = word_starts(tokenizer, surfaces) | is_special
     return Vocab(
         size=size,
         pad_id=pad,
@@ -87,4 +88,19 @@ def vocab_of(tokenizer: PreTrainedTokenizerBase) -> Vocab:
         mask_id=tokenizer.mask_token_id,
         is_special=is_special,
         is_sentence_end=is_sentence_end,
+        is_word_start=is_word_start,
     )
+
+
+def word_starts(tokenizer: PreTrainedTokenizerBase, surfaces: list[str]) -> torch.Tensor:
+    """[V] bool: which tokens begin a word, for whole-word masking.
+
+    Byte-level BPE (masklab's own tokenizer, GPT-2, RoBERTa) marks a word start with a leading
+    space (or newline) in the token's surface form; SentencePiece with a leading "▁" piece;
+    WordPiece (BERT) the other way round, with a "##" prefix on every continuation.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(surfaces))))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "WordPiece":
+        return torch.tensor([not str(p).startswith("##") for p in pieces])
+    return torch.tensor([s[:1].isspace() or str(p).startswith("▁") for p, s in zip(pieces, surfaces)])

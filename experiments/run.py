@@ -83,6 +83,7 @@ class MasklabCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.filename": "best-step{step}",
             "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.enable_version_counter": False,  # a resumed run rolls last.ckpt forward, not last-v1.ckpt
         })
         parser.link_arguments("data.block_size", "model.init_args.block_size")
         parser.link_arguments("data", "model.init_args.vocab", compute_fn=lambda data: data.model_vocab, apply_on="instantiate")

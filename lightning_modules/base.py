@@ -70,7 +70,7 @@ class LanguageModelModule(L.LightningModule):
 
     def __init__(
         self,
-        vocab: dict[str, int | None] | None,
+        vocab: dict | None,
         block_size: int,
         optimizer: OptimizerConfig,
         config_overrides: dict | None,
@@ -114,6 +114,10 @@ class LanguageModelModule(L.LightningModule):
         if heads % kv_heads:
             errors.append(f"model.num_heads={heads} is not divisible by model.num_kv_heads={kv_heads}")
         return errors
+
+    def export_model(self) -> PreTrainedModel:
+        """The transformers model `save_pretrained` writes at the end of a run."""
+        return self.model
 
     def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
         """Line logits up with the labels they predict (identity for MLM, a shift for causal)."""

@@ -33,7 +33,7 @@ class CausalLMModule(LanguageModelModule):
 
     def __init__(
         self,
-        vocab: dict[str, int | None] | None = None,
+        vocab: dict | None = None,
         block_size: int = 128,
         hidden_size: int = 256,
         num_layers: int = 4,
@@ -57,7 +57,7 @@ class CausalLMModule(LanguageModelModule):
             tie_word_embeddings=tie_word_embeddings,
         )
         super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["vocab"])
 
     @classmethod
     def build_config(cls, vocab: dict, **model_args) -> PretrainedConfig:

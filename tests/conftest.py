@@ -9,6 +9,7 @@ from datamodules.masking import Vocab
 
 PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
 FULL_STOP = 10  # a regular token that ends sentences
+FIRST_CONTINUATION = 40  # ids from here on continue the word before them (like BPE pieces without a space)
 
 
 def make_vocab(size: int = 64) -> Vocab:
@@ -16,7 +17,8 @@ def make_vocab(size: int = 64) -> Vocab:
     is_special[[PAD, BOS, EOS, UNK, MASK]] = True
     is_sentence_end = torch.zeros(size, dtype=torch.bool)
     is_sentence_end[[FULL_STOP, EOS]] = True
-    return Vocab(size, PAD, BOS, EOS, MASK, is_special, is_sentence_end)
+    is_word_start = torch.arange(size) < FIRST_CONTINUATION
+    return Vocab(size, PAD, BOS, EOS, MASK, is_special, is_sentence_end, is_word_start)
 
 
 @pytest.fixture
