@@ -13,7 +13,7 @@ SENTENCES = [BOS, 20, 21, 22, FS, 23, 24, FS, 25, EOS, BOS, 26, 27, 28]  # the l
 
 
 def select(policy, ids, vocab, seed=0):
-    return policy.select(TokenBlock.from_ids(torch.tensor(ids), vocab), torch.Generator().manual_seed(seed))
+    return policy.select(TokenBlock.from_ids(torch.as_tensor(ids), vocab), torch.Generator().manual_seed(seed))
 
 
 def positions(mask):
