@@ -21,23 +21,23 @@ from lightning_modules.base import IGNORE_INDEX, TokenStats
 COUNTERS = ("correct", "seen", "masked_loss", "masked_seen", "entropy", "entropy_seen")
 
 
-def difficulty_targets(counters: dict[str, Tensor], scoring: str, ratio: float) -> Tensor:
-    """target_t per type, before smoothing.
+def difficulty_targets(counters: dict[str, Tensor], scoring: str, ratio: float, selection: str = "high") -> Tensor:
+    """target_t per type, before smoothing: p · score_t, or p · (1 − score_t) for `selection="low"`.
 
-    accuracy ("hard"): acc_t = (correct_t + 0.5) / (seen_t + 1), target_t = p · (1 − acc_t).
+    accuracy ("hard"): score_t = 1 − acc_t, acc_t = (correct_t + 0.5) / (seen_t + 1).
     loss ("soft"): mean loss at [MASK] inputs with one pseudo-observation of log V, divided by
-        log V, min–max normalised over the vocabulary; target_t = p · that.
+        log V, min–max normalised over the vocabulary.
     entropy: like loss, with the mean predictive entropy at labelled positions.
     """
     vocab_size = len(counters["seen"])
     if scoring == "accuracy":
-        accuracy = (counters["correct"].double() + 0.5) / (counters["seen"].double() + 1)
-        return (ratio * (1 - accuracy)).float()
-    total, count = {"loss": ("masked_loss", "masked_seen"), "entropy": ("entropy", "entropy_seen")}[scoring]
-    log_v = math.log(vocab_size)
-    mean = (counters[total].double() + log_v) / (counters[count].double() + 1) / log_v
-    spread = (mean.max() - mean.min()).clamp_min(1e-12)
-    return (ratio * (mean - mean.min()) / spread).float()
+        score = 1 - (counters["correct"].double() + 0.5) / (counters["seen"].double() + 1)
+    else:
+        total, count = {"loss": ("masked_loss", "masked_seen"), "entropy": ("entropy", "entropy_seen")}[scoring]
+        log_v = math.log(vocab_size)
+        mean = (counters[total].double() + log_v) / (counters[count].double() + 1) / log_v
+        score = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
+    return (ratio * (score if selection == "high" else 1 - score)).float()
 
 
 def update_weights(weights: Tensor, targets: Tensor, ratio: float, smoothing: float, floor: float) -> Tensor:
@@ -53,6 +53,8 @@ class AdaptiveMaskingCallback(L.Callback):
         every_n_batches: optimiser steps between weight updates (the first at that step, not 0).
         scoring: ``"accuracy"`` (the paper's "hard"), ``"loss"`` ("soft") or ``"entropy"``
             (mean predictive entropy per type, for entropy-aware masking).
+        selection: ``"high"`` masks the hardest (least accurate, highest loss / entropy) types most,
+            ``"low"`` the easiest.
         smoothing: λ, the weight of the old value in w ← λ·w + (1−λ)·target.
         floor: lowest weight a type can get, so that no type is never masked.
         log_top_k: hardest / easiest types shown in the TensorBoard text panel.
@@ -62,6 +64,7 @@ class AdaptiveMaskingCallback(L.Callback):
         self,
         every_n_batches: int = 200,
         scoring: Literal["accuracy", "loss", "entropy"] = "accuracy",
+        selection: Literal["high", "low"] = "high",
         smoothing: float = 0.2,
         floor: float = 0.005,
         log_top_k: int = 20,
@@ -71,12 +74,15 @@ class AdaptiveMaskingCallback(L.Callback):
             errors.append(f"AdaptiveMaskingCallback.every_n_batches must be >= 1, got {every_n_batches}")
         if scoring not in ("accuracy", "loss", "entropy"):
             errors.append(f"AdaptiveMaskingCallback.scoring must be 'accuracy', 'loss' or 'entropy', got {scoring!r}")
+        if selection not in ("high", "low"):
+            errors.append(f"AdaptiveMaskingCallback.selection must be 'high' or 'low', got {selection!r}")
         if not 0 <= smoothing < 1:
             errors.append(f"AdaptiveMaskingCallback.smoothing must be in [0, 1), got {smoothing}")
         if floor < 0:
             errors.append(f"AdaptiveMaskingCallback.floor must be >= 0, got {floor}")
         raise_if_any(errors)
-        self.every_n_batches, self.scoring, self.smoothing, self.floor = every_n_batches, scoring, smoothing, floor
+        self.every_n_batches, self.scoring, self.selection = every_n_batches, scoring, selection
+        self.smoothing, self.floor = smoothing, floor
         self.log_top_k = log_top_k
         self.counters: dict[str, Tensor] = {}
         self.last_update_step = 0
@@ -129,7 +135,7 @@ class AdaptiveMaskingCallback(L.Callback):
     def update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         policy = self.policy
         counters = {name: trainer.strategy.reduce(c.clone(), reduce_op="sum") for name, c in self.counters.items()}
-        targets = difficulty_targets(counters, self.scoring, policy.ratio)
+        targets = difficulty_targets(counters, self.scoring, policy.ratio, self.selection)
         weights = update_weights(policy.weights.to(targets.device), targets, policy.ratio, self.smoothing, self.floor)
         policy.weights.copy_(weights.cpu())
         self._log(trainer, pl_module, policy.weights, counters)

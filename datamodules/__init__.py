@@ -1,6 +1,7 @@
 """Corpora, tokenizer, packing, masking policies and the collate that applies them."""
 
 from datamodules.adaptive import AdaptiveMLMMask
+from datamodules.entropy import EntropyPositionMask
 from datamodules.masking import MaskingPolicy, MEAPInputMask, NoMask, RandomMLMMask, SelectionPolicy, TokenBlock, Vocab
 from datamodules.pretraining import PretrainingDataModule
 from datamodules.sentence_policies import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask
@@ -9,6 +10,7 @@ from datamodules.swap_policies import SecondToLastSwap
 
 __all__ = [
     "AdaptiveMLMMask",
+    "EntropyPositionMask",
     "FixedSpanMask",
     "GeometricSpanMask",
     "LastTokenMask",

@@ -89,6 +89,7 @@ class MaskingPolicy(ABC):
 
     objective: ClassVar[Objective]
     needs_mask_token: ClassVar[bool] = True
+    chooses_on_device: ClassVar[bool] = False  # positions are picked later, by a callback with the model
 
     def __init__(self) -> None:
         # A shared-memory scalar: a callback in the main process changes the ratio and the
@@ -172,11 +173,11 @@ def corrupt_mlm(
 ) -> dict[str, Tensor]:
     """BERT corruption of the chosen positions: [MASK] / random token / unchanged."""
     ids, vocab = block.input_ids, block.vocab
-    u = torch.rand(ids.shape, generator=generator)  # [B, L]
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, L]
     to_mask = masked & (u < mask_prob)
     to_random = masked & (u >= mask_prob) & (u < mask_prob + random_prob)
-    regular = vocab.regular_ids
-    random_ids = regular[torch.randint(len(regular), ids.shape, generator=generator)]  # [B, L]
+    regular = vocab.regular_ids.to(ids.device)
+    random_ids = regular[torch.randint(len(regular), ids.shape, generator=generator, device=ids.device)]  # [B, L]
     inputs = torch.where(to_mask, vocab.mask_id, ids)
     inputs = torch.where(to_random, random_ids, inputs)
     return {

@@ -136,6 +136,11 @@ class LanguageModelModule(L.LightningModule):
         ).view_as(labels)  # [B, L']
         labelled = labels != IGNORE_INDEX
         loss = token_loss.sum() / labelled.sum().clamp_min(1)
+        if self.training:
+            for name, term in self.auxiliary_losses(batch, logits, labels).items():
+                loss = loss + term
+                if self._trainer is not None:
+                    self.log(f"train/{name}", term)
         with torch.no_grad():
             stats = TokenStats(
                 labels=labels,
@@ -145,6 +150,11 @@ class LanguageModelModule(L.LightningModule):
                 entropy=predictive_entropy(logits) if self.collect_entropy else None,
             )
         return loss, stats
+
+    def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Terms added to the training loss (e.g. distillation); none by default. Logged as
+        `train/<name>`; validation always reports the plain objective."""
+        return {}
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Mean cross-entropy over labelled positions, their accuracy, and their count."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
-import copy
-
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
-from datamodules.errors import ConfigError
-from lightning_modules.base import LanguageModelModule, OptimizerConfig
+from datamodules.errors import ConfigError, raise_if_any
+from lightning_modules.base import IGNORE_INDEX, LanguageModelModule, OptimizerConfig
 from lightning_modules.nhot import NHotEmbedding
+from lightning_modules.teacher import load_teacher
 
 
 class MaskedLMModule(LanguageModelModule):
@@ -28,6 +31,9 @@ class MaskedLMModule(LanguageModelModule):
         dropout: hidden and attention dropout.
         nhot: add n-hot sub-token embeddings (lightning_modules/nhot.py); unties input and output
             embeddings, and folds into a plain embedding table at export.
+        distill_from: a local masked-LM folder to distil from (same vocabulary); None = no KD.
+        distill_alpha: weight α of α·T²·KL(teacher ‖ student) over the masked positions, in [0, 1].
+        distill_temperature: softmax temperature T of the distillation term.
         optimizer: AdamW and learning-rate schedule.
         config_overrides: any other field of the transformers config, passed through unchanged.
     """
@@ -47,6 +53,9 @@ class MaskedLMModule(LanguageModelModule):
         max_position_embeddings: int = 512,
         dropout: float = 0.0,
         nhot: bool = False,
+        distill_from: str | None = None,
+        distill_alpha: float = 0.5,
+        distill_temperature: float = 2.0,
         optimizer: OptimizerConfig = OptimizerConfig(),
         config_overrides: dict | None = None,
     ) -> None:
@@ -60,6 +69,12 @@ class MaskedLMModule(LanguageModelModule):
             hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout,
         )
+        errors = []
+        if not 0 <= distill_alpha <= 1:
+            errors.append(f"model.distill_alpha must be in [0, 1], got {distill_alpha}")
+        if distill_temperature <= 0:
+            errors.append(f"model.distill_temperature must be > 0, got {distill_temperature}")
+        raise_if_any(errors)
         if nhot:  # the output layer keeps the plain table; only the input gets the n-hot term
             model_args["tie_word_embeddings"] = False
         super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
@@ -70,6 +85,24 @@ class MaskedLMModule(LanguageModelModule):
             if not tokens:
                 raise ConfigError("model.nhot needs the vocabulary's token strings (model.vocab['tokens'])")
             self.model.set_input_embeddings(NHotEmbedding(self.model.get_input_embeddings(), tokens))
+        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+        # a plain list keeps the frozen teacher out of the state dict, the optimiser and DDP
+        self._teacher = [load_teacher(distill_from, vocab["tokens"], "model.distill_from")] if distill_from else []
+
+    def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Knowledge distillation: α·T²·KL(teacher ‖ student) averaged over the masked positions."""
+        if not self._teacher:
+            return {}
+        teacher = self._teacher[0].to(logits.device)
+        masked = labels != IGNORE_INDEX  # [B, L]
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[masked]
+        t = self.distill_temperature
+        kl = F.kl_div(
+            F.log_softmax(logits[masked].float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+            log_target=True, reduction="sum",
+        ) / masked.sum().clamp_min(1)
+        return {"kd": self.distill_alpha * t * t * kl}
 
     @classmethod
     def build_config(cls, vocab: dict, arch: str = "bert", **model_args) -> PretrainedConfig:

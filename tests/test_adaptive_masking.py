@@ -270,3 +270,15 @@ def test_adaptive_callback_needs_the_adaptive_policy(tiny_args, capsys):
     with pytest.raises(SystemExit):
         main(["--config", "experiments/configs/amlm_hard.yaml", *tiny_args, "--data.masking", "datamodules.RandomMLMMask"])
     assert "AdaptiveMaskingCallback needs data.masking=AdaptiveMLMMask, got RandomMLMMask" in capsys.readouterr().err
+
+
+def test_low_selection_inverts_the_score():
+    c = counters(correct=[0, 9, 3, 0], seen=[0, 9, 5, 1])
+    high, low = difficulty_targets(c, "accuracy", 0.4, "high"), difficulty_targets(c, "accuracy", 0.4, "low")
+    torch.testing.assert_close(high + low, torch.full((4,), 0.4))
+
+
+def test_entropy_scoring_masks_uncertain_types():
+    c = counters(entropy=[0, 8.0, 1.0, 0], entropy_seen=[0, 4, 4, 0])
+    targets = difficulty_targets(c, "entropy", 0.2)
+    assert targets[1] == pytest.approx(0.2) and targets[2] < targets[0] < targets[1]
