@@ -9,10 +9,13 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 class MaskRatioLogger(L.Callback):
-    """Logs `mask/ratio`: the ratio the masking policy applies right now."""
+    """Logs `mask/ratio`, the ratio the masking policy is set to, and `mask/share`, the share of
+    real tokens the batch actually masked (they differ for policies whose budget is not the
+    ratio, e.g. penultimate-token masking)."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.log("mask/ratio", trainer.datamodule.policy.ratio)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, *args: Any) -> None:
+        share = batch["masked"].sum() / batch["attention_mask"].sum().clamp_min(1)
+        pl_module.log_dict({"mask/ratio": trainer.datamodule.policy.ratio, "mask/share": share.float()})
 
 
 def _batch_size(batch: dict) -> int:

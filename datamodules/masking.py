@@ -113,6 +113,17 @@ class MaskingPolicy(ABC):
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
         """Mask `block`; returns input_ids, labels, attention_mask, masked."""
 
+    def validation_policy(self, val_mask_ratio: float) -> MaskingPolicy:
+        """The policy validation batches are made with: one fixed rule per objective, so every
+        variant of an objective is judged on the same task — MLM on a uniform mask at
+        `val_mask_ratio`, causal objectives on clean next-token prediction. A policy whose
+        objective is a different task (e.g. second-to-last prediction) returns itself."""
+        if self.objective == "causal":
+            return NoMask()
+        policy = RandomMLMMask()
+        policy.ratio = val_mask_ratio
+        return policy
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio:.3f})"
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.collate import MaskingCollator
 from datamodules.errors import DataError, raise_if_any
-from datamodules.masking import MaskingPolicy, NoMask, RandomMLMMask, TokenBlock, Vocab
+from datamodules.masking import MaskingPolicy, NoMask, TokenBlock, Vocab
 from datamodules.packing import pack, tokenize
 from datamodules.sources import (
     builtin_dataset,
@@ -231,12 +231,8 @@ class PretrainingDataModule(L.LightningDataModule):
         self.val_batches = self._masked_validation(self._blocks("validation"))
 
     def _masked_validation(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
-        """Validation is fixed: MLM on one seeded uniform mask, causal objectives on clean input."""
-        if self.policy.objective == "mlm":
-            policy: MaskingPolicy = RandomMLMMask()
-            policy.ratio = self.val_mask_ratio
-        else:
-            policy = NoMask()
+        """Validation batches are masked once, with a fixed seed, by the policy's validation rule."""
+        policy = self.policy.validation_policy(self.val_mask_ratio)
         ids = torch.from_numpy(np.asarray(blocks, dtype=np.int64))  # [N, L]
         return policy(TokenBlock.from_ids(ids, self.vocab), torch.Generator().manual_seed(self.seed))
 

@@ -63,5 +63,9 @@ class SecondToLastSwap(MaskingPolicy):
             "masked": targets,
         }
 
+    def validation_policy(self, val_mask_ratio: float) -> MaskingPolicy:
+        """Validate on the second-to-last task itself: next-token loss means nothing here."""
+        return self
+
     def __repr__(self) -> str:
         return f"SecondToLastSwap(block_length={self.block_length})"

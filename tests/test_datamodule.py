@@ -113,3 +113,12 @@ def test_tokenizer_without_mask_token_is_refused_for_masking(tmp_path):
     dm = make(tmp_path, tokenizer_path=str(path), masking=RandomMLMMask())
     with pytest.raises(DataError, match="has no mask token, but RandomMLMMask needs one"):
         dm.setup("fit")
+
+
+def test_second_to_last_validates_on_its_own_task(tmp_path):
+    from datamodules import SecondToLastSwap
+
+    dm = make(tmp_path, masking=SecondToLastSwap(block_length=4))
+    dm.setup("fit")
+    labelled = dm.val_batches["labels"] != IGNORE_INDEX
+    assert labelled[:, 4::4].all() and labelled.sum() == labelled[:, 4::4].sum()
