@@ -36,7 +36,8 @@ class LoadedModel:
     @property
     def block_size(self) -> int | None:
         """The sequence length the model was trained on, when its run says."""
-        return self.run_config.get("data", {}).get("block_size")
+        data = self.run_config.get("data", {})
+        return data.get("init_args", data).get("block_size")
 
 
 def model_dir(path: str) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from jsonargparse._util import import_object
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import ExportCallback, MaskRatioLogger, TokenThroughputMonitor, update_metrics_json
@@ -85,13 +86,13 @@ class MasklabCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
             "checkpoint.enable_version_counter": False,  # a resumed run rolls last.ckpt forward, not last-v1.ckpt
         })
-        parser.link_arguments("data.block_size", "model.init_args.block_size")
+        parser.link_arguments("data.init_args.block_size", "model.init_args.block_size")
         parser.link_arguments("data", "model.init_args.vocab", compute_fn=lambda data: data.model_vocab, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
-        errors = PretrainingDataModule.config_errors(**config.data)
-        if errors:
+        data_class = import_object(config.data.class_path)
+        if errors := getattr(data_class, "config_errors", lambda **_: [])(**config.data.init_args):
             raise ConfigError(errors)
         if config.experiment is None:
             config_files = config.get("config") or []
@@ -146,6 +147,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             LanguageModelModule,
             PretrainingDataModule,
             subclass_mode_model=True,
+            subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
             seed_everything_default=0,
             auto_configure_optimizers=False,  # the module's OptimizerConfig is the one optimiser setting

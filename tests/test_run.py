@@ -50,7 +50,7 @@ def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
     assert REQUIRED_TAGS <= set(logged)
     losses = list(logged["train/loss"].values())
     assert losses[-1] < losses[0]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["block_size"] == 32
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["block_size"] == 32
 
     # the export reloads offline with the Auto classes and computes what the trained module computes
     model = auto_class.from_pretrained(run_dir / "hf_model", local_files_only=True).eval()
