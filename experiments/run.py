@@ -9,20 +9,20 @@ into its own directory.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from jsonargparse._util import import_object
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import ExportCallback, MaskRatioLogger, TokenThroughputMonitor, update_metrics_json
 from callbacks.export import scalar_metrics
-from datamodules import PretrainingDataModule
 from datamodules.errors import ConfigError, MasklabError
 from lightning_modules import LanguageModelModule
 
@@ -91,7 +91,8 @@ class MasklabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
-        data_class = import_object(config.data.class_path)
+        module_name, class_name = config.data.class_path.rsplit(".", 1)
+        data_class = getattr(importlib.import_module(module_name), class_name)
         if errors := getattr(data_class, "config_errors", lambda **_: [])(**config.data.init_args):
             raise ConfigError(errors)
         if config.experiment is None:
@@ -120,7 +121,7 @@ class MasklabCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def compatibility_errors(model: LanguageModelModule, data: PretrainingDataModule) -> list[str]:
+def compatibility_errors(model: LanguageModelModule, data: L.LightningDataModule) -> list[str]:
     policy = data.policy
     if policy.objective != model.objective:
         return [
@@ -145,7 +146,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
     try:
         cli = MasklabCLI(
             LanguageModelModule,
-            PretrainingDataModule,
+            L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
