@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import ExportCallback, MaskRatioLogger, TokenThroughputMonitor, update_metrics_json
@@ -118,7 +119,10 @@ class MasklabCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 self.config.runs_dir, name=self.config.experiment, version=self.run_version, default_hp_metric=False
             )
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as err:  # e.g. a strategy this machine cannot run
+            raise ConfigError(f"trainer: {err}") from err
 
 
 def compatibility_errors(model: LanguageModelModule, data: L.LightningDataModule) -> list[str]:

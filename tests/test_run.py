@@ -131,6 +131,28 @@ def test_bad_input_is_one_clear_line(override, message, tiny_args, capsys, tmp_p
     assert not list((tmp_path / "runs").glob("*/version_*"))  # nothing half-written, no number taken
 
 
+def test_strategy_the_machine_cannot_run_is_one_line(tiny_args, capsys):
+    with pytest.raises(SystemExit):
+        run("meap", tiny_args, "--trainer.strategy", "fsdp", "--trainer.devices", "2")
+    assert "error: trainer: The strategy `fsdp` requires a GPU accelerator" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_trains(tiny_args, tmp_path):
+    run("meap", tiny_args, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2")
+    assert (tmp_path / "runs" / "meap" / "version_0" / "hf_model" / "model.safetensors").exists()
+
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason="../shared/data/wikitext-2 is not here")
+def test_a_folder_of_real_text_trains_like_the_builtin_corpus(tiny_args, tmp_path):
+    cli = run("mlm_random", tiny_args, "--data.data_path", str(WIKITEXT), "--data.vocab_size", "2000")
+    assert "the" in cli.datamodule.tokenizer.get_vocab() or "Ġthe" in cli.datamodule.tokenizer.get_vocab()
+    metrics = json.loads((tmp_path / "runs" / "mlm_random" / "version_0" / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
 def test_unknown_config_key_is_named(tiny_args, capsys):
     with pytest.raises(SystemExit):
         run("mlm_random", tiny_args, "--data.mask_ration", "0.2")
