@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -18,8 +17,9 @@ def batch_generator(seed: int, indices: list[int]) -> torch.Generator:
     exactly the masks an uninterrupted one would. Shuffling puts samples in new company every
     epoch, so masks still change between epochs.
     """
-    seed_words = np.random.SeedSequence([seed, *indices]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(seed_words[0]) << 32 | int(seed_words[1]))
+    # Python's hash of a tuple of ints is fixed across processes and runs (no hash randomisation
+    # for ints) and mixes every member; masking to 64 bits makes it a valid torch seed.
+    return torch.Generator().manual_seed(hash((seed, *indices)) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 class MaskingCollator:

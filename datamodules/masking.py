@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
@@ -42,7 +43,7 @@ class Vocab:
     is_sentence_end: Tensor  # [V] bool: token closes a sentence (., !, ?) or a document
     is_word_start: Tensor  # [V] bool: token begins a word (whole-word masking); special tokens too
 
-    @property
+    @cached_property
     def regular_ids(self) -> Tensor:
         """Ids a random replacement may be drawn from."""
         return (~self.is_special).nonzero().squeeze(1)
@@ -184,16 +185,14 @@ def corrupt_mlm(
 ) -> dict[str, Tensor]:
     """BERT corruption of the chosen positions: [MASK] / random token / unchanged."""
     ids, vocab = block.input_ids, block.vocab
-    u = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, L]
-    to_mask = masked & (u < mask_prob)
-    to_random = masked & (u >= mask_prob) & (u < mask_prob + random_prob)
+    u = torch.rand(ids.shape, generator=generator, device=ids.device).masked_fill_(~masked, 2.0)  # [B, L]
     regular = vocab.regular_ids.to(ids.device)
     random_ids = regular[torch.randint(len(regular), ids.shape, generator=generator, device=ids.device)]  # [B, L]
-    inputs = torch.where(to_mask, vocab.mask_id, ids)
-    inputs = torch.where(to_random, random_ids, inputs)
+    inputs = ids.masked_fill(u < mask_prob, vocab.mask_id)  # unchosen positions have u = 2: never hit
+    inputs = torch.where((u >= mask_prob) & (u < mask_prob + random_prob), random_ids, inputs)
     return {
         "input_ids": inputs,
-        "labels": torch.where(masked, ids, IGNORE_INDEX),
+        "labels": ids.masked_fill(~masked, IGNORE_INDEX),
         "attention_mask": block.attention_mask,
         "masked": masked,
     }
