@@ -2,6 +2,8 @@
 
 from datamodules.adaptive import AdaptiveMLMMask
 from datamodules.entropy import EntropyPositionMask
+from datamodules.finetune import FineTuneDataModule
+from datamodules.finetune_policies import FineTunePolicy, MEAPFineTuneCollate, PlainSFT
 from datamodules.masking import MaskingPolicy, MEAPInputMask, NoMask, RandomMLMMask, SelectionPolicy, TokenBlock, Vocab
 from datamodules.pretraining import PretrainingDataModule
 from datamodules.sentence_policies import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask
@@ -11,14 +13,18 @@ from datamodules.swap_policies import SecondToLastSwap
 __all__ = [
     "AdaptiveMLMMask",
     "EntropyPositionMask",
+    "FineTuneDataModule",
+    "FineTunePolicy",
     "FixedSpanMask",
     "GeometricSpanMask",
     "LastTokenMask",
     "MaskingPolicy",
     "MatchedRandomMask",
+    "MEAPFineTuneCollate",
     "MEAPInputMask",
     "NoMask",
     "PenultimateTokenMask",
+    "PlainSFT",
     "PretrainingDataModule",
     "RandomMLMMask",
     "SecondToLastSwap",

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from torch import Tensor
 
+from datamodules.errors import ConfigError
 from lightning_modules.base import LanguageModelModule, OptimizerConfig
+
+# config fields a pre-trained model must share with the configured one, and their config keys
+SHAPE_KEYS = {
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "intermediate_size": "intermediate_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
 
 
 class CausalLMModule(LanguageModelModule):
@@ -26,6 +39,9 @@ class CausalLMModule(LanguageModelModule):
         tie_word_embeddings: share input and output embeddings.
         optimizer: AdamW and learning-rate schedule.
         config_overrides: any other `LlamaConfig` field, passed through unchanged.
+        init_from: start from these weights (fine-tuning): a masklab run dir (its `hf_model/`) or
+            a local transformers causal-LM folder. The model is built from this config first, so
+            its shape keys must match the saved model's; its vocabulary must be the data's.
     """
 
     objective = "causal"
@@ -45,6 +61,7 @@ class CausalLMModule(LanguageModelModule):
         tie_word_embeddings: bool = False,
         optimizer: OptimizerConfig = OptimizerConfig(),
         config_overrides: dict | None = None,
+        init_from: str | None = None,
     ) -> None:
         model_args = dict(
             hidden_size=hidden_size,
@@ -57,6 +74,8 @@ class CausalLMModule(LanguageModelModule):
             tie_word_embeddings=tie_word_embeddings,
         )
         super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
+        if init_from is not None:
+            self.model.load_state_dict(load_pretrained(init_from, self.model, vocab.get("tokens")).state_dict())
         self.save_hyperparameters(ignore=["vocab"])
 
     @classmethod
@@ -67,3 +86,30 @@ class CausalLMModule(LanguageModelModule):
     def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
         # position t predicts token t+1: drop the last logit and the first label / input
         return (logits[:, :-1], *(t[:, 1:] for t in per_position))
+
+
+def load_pretrained(path: str, built: PreTrainedModel, tokens: list[str] | None) -> PreTrainedModel:
+    """The causal LM saved at `path` (a run dir or an HF folder, local files only), refused with a
+    ConfigError naming what differs when it does not fit `built`, the model of the config, or when
+    its saved tokenizer is not the data's (`tokens`: the data's token strings, "" = special)."""
+    folder = Path(path) / "hf_model" if (Path(path) / "hf_model").is_dir() else Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.init_from: {path!r} is neither a run dir with an hf_model/ folder nor a "
+                          "transformers model folder (no config.json)")
+    saved = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if saved.vocab_size != built.config.vocab_size:
+        raise ConfigError(f"model.init_from: {folder} has a vocabulary of {saved.vocab_size} tokens, the data's "
+                          f"tokenizer {built.config.vocab_size}; fine-tune with the pre-trained run's tokenizer "
+                          f"(data.init_args.tokenizer_path: {path})")
+    differing = [f"model.init_args.{key}={getattr(built.config, field)} (saved: {getattr(saved, field, None)})"
+                 for field, key in SHAPE_KEYS.items() if getattr(saved, field, None) != getattr(built.config, field)]
+    if differing:
+        raise ConfigError(f"model.init_from: {folder} does not fit the configured model: {', '.join(differing)}")
+    if tokens and (folder / "tokenizer.json").is_file():
+        saved_tokens = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(list(range(len(tokens))))
+        differing_ids = [i for i, (mine, theirs) in enumerate(zip(tokens, saved_tokens)) if mine and mine != theirs]
+        if differing_ids:
+            raise ConfigError(f"model.init_from: the tokenizer saved in {folder} differs from the data's at "
+                              f"{len(differing_ids)} of {len(tokens)} ids (first: {differing_ids[0]}); fine-tune with "
+                              f"the pre-trained run's tokenizer (data.init_args.tokenizer_path: {path})")
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)

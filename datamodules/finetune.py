@@ -1,0 +1,415 @@
+"""`FineTuneDataModule`: (prompt, answer) pairs -> template -> tokens -> fine-tuning batches.
+
+Samples are ``<bos> template(prompt) template(answer) <eos>``; the answer and its EOS are what
+plain SFT trains on. A sample is never packed with others: each batch is right-padded to its
+longest sample, and the fine-tuning policy (`PlainSFT`, `MEAPFineTuneCollate`) builds the rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset as HFDataset, load_dataset, load_from_disk
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.collate import batch_generator
+from datamodules.errors import DataError, raise_if_any
+from datamodules.finetune_policies import FineTunePolicy, MEAPFineTuneCollate, PlainSFT, SFTBlock
+from datamodules.masking import Vocab
+from datamodules.pretraining import PretrainingDataModule
+from datamodules.qa_corpus import QACorpus
+from datamodules.sources import SAVED_DATASET_MARKERS, files_fingerprint, stable_hash
+
+TRUNCATIONS = ("prompt_start", "end", "drop")
+Pair = tuple[str, str]
+
+
+def model_folder(path: str) -> Path:
+    """A run dir's `hf_model/`, or the folder itself (an HF model or tokenizer folder)."""
+    return Path(path) / "hf_model" if (Path(path) / "hf_model").is_dir() else Path(path)
+
+
+def jsonl_files(path: str, key: str) -> list[Path]:
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".jsonl", ".json"))
+    if not files:
+        raise DataError(f"{key}: folder {path!r} holds no .jsonl files")
+    return files
+
+
+def _check_pair(prompt: object, answer: object, where: str, fields: tuple[str, str]) -> Pair:
+    for name, value in zip(fields, (prompt, answer)):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not answer.strip():
+        raise DataError(f"{where}: the answer (field {fields[1]!r}) is empty")
+    return prompt, answer
+
+
+def read_jsonl(files: list[Path], prompt_field: str, answer_field: str) -> list[Pair]:
+    """Every (prompt, answer) pair; a bad line is refused naming its file and line."""
+    pairs = []
+    for file in files:
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file} line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not a JSON object ({err.msg})") from err
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: not a JSON object")
+                for name in (prompt_field, answer_field):
+                    if name not in record:
+                        raise DataError(f"{where}: no {name!r} field (fields: {sorted(record)}); "
+                                        "set data.prompt_field / data.answer_field")
+                pairs.append(_check_pair(record[prompt_field], record[answer_field], where, (prompt_field, answer_field)))
+    if not pairs:
+        raise DataError(f"{', '.join(map(str, files[:3]))}: no samples")
+    return pairs
+
+
+def read_hf(name: str, config: str | None, split: str, prompt_field: str, answer_field: str) -> list[Pair]:
+    """(prompt, answer) pairs from a `datasets` source: a `save_to_disk` folder or a hub id."""
+    try:
+        folder = Path(name)
+        if folder.is_dir() and any((folder / f).exists() for f in SAVED_DATASET_MARKERS):
+            loaded = load_from_disk(name)
+            dataset = loaded[split] if hasattr(loaded, "keys") else loaded
+        else:
+            dataset = load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many types; the user needs the source named
+        raise DataError(f"data.hf_dataset: could not load {name!r} (config {config!r}, split {split!r}): {err}") from err
+    missing = [f for f in (prompt_field, answer_field) if f not in dataset.column_names]
+    if missing:
+        raise DataError(f"data.hf_dataset {name!r}: no column {missing[0]!r} (columns: {dataset.column_names}); "
+                        "set data.prompt_field / data.answer_field")
+    fields = (prompt_field, answer_field)
+    return [_check_pair(p, a, f"{name} split {split!r} row {i}", fields)
+            for i, (p, a) in enumerate(zip(dataset[prompt_field], dataset[answer_field]))]
+
+
+@dataclass
+class PreparedSplit:
+    """Tokenised samples of one split and what preparing them changed."""
+
+    ids: list[np.ndarray]  # each [n] int64: <bos> prompt answer <eos>
+    answer_spans: list[tuple[int, int]]  # [start, end) of the labelled answer (with its EOS unless cut)
+    source_samples: int
+    events: Counter = field(default_factory=Counter)  # what truncation did, by description
+
+    def summary(self) -> str:
+        changes = "; ".join(f"{count} {what}" for what, count in sorted(self.events.items()))
+        return f"{len(self.ids)} of {self.source_samples} samples kept" + (f" ({changes})" if changes else "")
+
+
+def encode(pairs: list[Pair], tokenizer: PreTrainedTokenizerBase, vocab: Vocab, prompt_template: str,
+           answer_template: str, block_size: int, truncation: str) -> PreparedSplit:
+    """Template, tokenise and fit every pair into `block_size`, counting every cut and drop.
+
+    `prompt_start` cuts the start of the prompt (a long-context prompt ends with its question)
+    and drops a sample whose answer alone does not fit; `end` cuts the end of the sequence, as
+    the reference code does — the answer is cut (counted), and a sample whose prompt fills the
+    block (no answer token left) is dropped and counted instead of raising; `drop` drops every
+    sample longer than the block.
+    """
+    prompts = tokenizer([prompt_template.replace("{prompt}", p) for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([answer_template.replace("{answer}", a) for _, a in pairs], add_special_tokens=False)["input_ids"]
+    room = block_size - 2  # BOS and EOS
+    prepared = PreparedSplit([], [], len(pairs))
+    for prompt, answer in zip(prompts, answers):  # a loop over samples, once per run
+        eos_labelled = True
+        if len(prompt) + len(answer) > room:
+            if truncation == "drop":
+                prepared.events["dropped: longer than data.block_size (truncation=drop)"] += 1
+                continue
+            if truncation == "prompt_start":
+                if len(answer) > room:
+                    prepared.events["dropped: the answer alone is longer than data.block_size"] += 1
+                    continue
+                prompt = prompt[len(prompt) + len(answer) - room :]
+                prepared.events["prompts cut at their start"] += 1
+            else:
+                if len(prompt) >= room:
+                    prepared.events["dropped: the prompt fills data.block_size, no answer token left"] += 1
+                    continue
+                answer = answer[: room - len(prompt)]
+                eos_labelled = False  # the answer goes on: the model must not learn to stop here
+                prepared.events["answers cut at their end (truncation=end)"] += 1
+        ids = np.array([vocab.bos_id, *prompt, *answer, vocab.eos_id], dtype=np.int64)
+        start = 1 + len(prompt)
+        prepared.ids.append(ids)
+        prepared.answer_spans.append((start, len(ids) if eos_labelled else len(ids) - 1))
+    return prepared
+
+
+class SFTSamples(Dataset):
+    """Tokenised samples; each carries its index so masks can be seeded by it."""
+
+    def __init__(self, prepared: PreparedSplit) -> None:
+        self.prepared = prepared
+
+    def __len__(self) -> int:
+        return len(self.prepared.ids)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, int, int]:
+        start, end = self.prepared.answer_spans[index]
+        return index, torch.from_numpy(self.prepared.ids[index]), start, end
+
+
+class SFTCollator:
+    """Right-pads a batch of samples into an `SFTBlock` and applies the fine-tuning policy."""
+
+    def __init__(self, policy: FineTunePolicy, vocab: Vocab, seed: int, max_length: int) -> None:
+        self.policy, self.vocab, self.seed, self.max_length = policy, vocab, seed, max_length
+
+    def block(self, samples: list[tuple[int, Tensor, int, int]]) -> SFTBlock:
+        lengths = torch.tensor([len(ids) for _, ids, _, _ in samples])  # [B]
+        ids = torch.full((len(samples), int(lengths.max())), self.vocab.pad_id, dtype=torch.long)  # [B, L]
+        for row, (_, sample, _, _) in enumerate(samples):
+            ids[row, : len(sample)] = sample
+        position = torch.arange(ids.size(1))[None]  # [1, L]
+        starts = torch.tensor([s for _, _, s, _ in samples])[:, None]  # [B, 1]
+        ends = torch.tensor([e for _, _, _, e in samples])[:, None]  # [B, 1]
+        return SFTBlock(
+            input_ids=ids,
+            answer_mask=(position >= starts) & (position < ends),
+            attention_mask=(position < lengths[:, None]).long(),
+            indices=torch.tensor([i for i, _, _, _ in samples]),
+            seed=self.seed,
+            max_length=self.max_length,
+            vocab=self.vocab,
+        )
+
+    def __call__(self, samples: list[tuple[int, Tensor, int, int]]) -> dict[str, Tensor]:
+        block = self.block(samples)
+        return self.policy(block, batch_generator(self.seed, block.indices.tolist()))
+
+
+class FineTuneDataModule(PretrainingDataModule):
+    """Instruction / long-context fine-tuning data; the policy decides plain SFT or MEAP SFT.
+
+    Args:
+        masking: the fine-tuning policy: None = `PlainSFT` (loss on the answer only), or
+            `MEAPFineTuneCollate`.
+        data_path: a .jsonl file (one JSON object per line) or a folder of them; None = the
+            built-in QA generator (or `hf_dataset`).
+        val_data_path: validation .jsonl; None = hold out `val_fraction` of the samples.
+        hf_dataset: a `datasets` source instead: hub id or a local `save_to_disk` folder.
+        hf_config: the `datasets` config name.
+        hf_split: the split to train on.
+        hf_val_split: the split to validate on; None = hold out `val_fraction`.
+        prompt_field: the field / column holding the prompt.
+        answer_field: the field / column holding the answer.
+        prompt_template: the text before the answer; ``{prompt}`` is replaced by the prompt.
+        answer_template: the answer's text; ``{answer}`` is replaced by the answer.
+        truncation: what to do with a sample longer than `block_size`: ``prompt_start`` (cut the
+            start of the prompt, drop a sample whose answer alone does not fit), ``end`` (cut the
+            end, i.e. the answer, as the reference code does), ``drop``. Every cut and drop is
+            counted and reported.
+        builtin_documents: samples the built-in QA generator makes for training (named like the
+            pre-training key, so the same command-line overrides work).
+        builtin_max_facts: most facts in a built-in key–value context (sets context length).
+        val_fraction: share held out for validation when no validation source is given (built-in:
+            validation samples = this share of `builtin_documents`, at least 8, from their own stream).
+        tokenizer_path: a tokenizer folder, or a run dir / HF model folder (its `hf_model/` is
+            used): normally the pre-trained run that `model.init_args.init_from` names. None =
+            train a byte-level BPE on the fine-tuning text.
+        vocab_size: size of the trained BPE (when there is no `tokenizer_path`).
+        block_size: longest row: a sample is fitted into it, and a concatenated MEAP copy must fit too.
+        batch_size: samples per batch on each device (MEAP `separate_rows` adds a row per copy).
+        num_workers: DataLoader worker processes (masking runs in them).
+        seed: seed of the built-in samples, the split, the shuffling and the masks.
+        cache_dir: where trained tokenizers are cached.
+    """
+
+    def __init__(
+        self,
+        masking: FineTunePolicy | None = None,
+        data_path: str | None = None,
+        val_data_path: str | None = None,
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        hf_split: str = "train",
+        hf_val_split: str | None = None,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        prompt_template: str = "{prompt}\nAnswer:",
+        answer_template: str = " {answer}",
+        truncation: str = "prompt_start",
+        builtin_documents: int = 2000,
+        builtin_max_facts: int = 16,
+        val_fraction: float = 0.05,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 4096,
+        block_size: int = 1024,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str = ".cache/masklab",
+    ) -> None:
+        raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        policy = masking if masking is not None else PlainSFT()
+        super().__init__(
+            masking=policy, mask_ratio=policy.ratio, builtin_documents=builtin_documents, val_fraction=val_fraction,
+            tokenizer_path=str(model_folder(tokenizer_path)) if tokenizer_path else None, vocab_size=vocab_size,
+            block_size=block_size, batch_size=batch_size, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+        )
+        self.data_path, self.val_data_path = data_path, val_data_path
+        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = hf_dataset, hf_config, hf_split, hf_val_split
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.prompt_template, self.answer_template = prompt_template, answer_template
+        self.truncation = truncation
+        self.builtin_max_facts = builtin_max_facts
+        self.prepared: dict[str, PreparedSplit] = {}
+        self._pairs: dict[str, list[Pair]] = {}
+
+    @staticmethod
+    def config_errors(**args) -> list[str]:
+        """Every problem with these init arguments, each naming its key (empty when valid)."""
+        errors = []
+        if not 0.0 <= args.get("val_fraction", 0.05) <= 1.0:
+            errors.append(f"data.val_fraction must be in [0, 1], got {args['val_fraction']}")
+        for key in ("block_size", "batch_size", "vocab_size", "builtin_documents"):
+            if key in args and args[key] < 1:
+                errors.append(f"data.{key} must be >= 1, got {args[key]}")
+        if args.get("builtin_max_facts", 16) < 2:
+            errors.append(f"data.builtin_max_facts must be >= 2, got {args['builtin_max_facts']}")
+        if args.get("num_workers", 0) < 0:
+            errors.append(f"data.num_workers must be >= 0, got {args['num_workers']}")
+        if args.get("truncation", "prompt_start") not in TRUNCATIONS:
+            errors.append(f"data.truncation must be one of {', '.join(TRUNCATIONS)}; got {args['truncation']!r}")
+        for key, placeholder in (("prompt_template", "{prompt}"), ("answer_template", "{answer}")):
+            if key in args and placeholder not in args[key]:
+                errors.append(f"data.{key} must contain {placeholder}, got {args[key]!r}")
+        if args.get("data_path") and args.get("hf_dataset"):
+            errors.append("data.data_path and data.hf_dataset are both set; choose one source")
+        for key in ("data_path", "val_data_path", "tokenizer_path"):
+            if args.get(key) and not Path(args[key]).exists():
+                errors.append(f"data.{key}: {args[key]!r} does not exist")
+        errors += _policy_errors(args)
+        return errors
+
+    # ---- samples -----------------------------------------------------------------------------
+
+    @property
+    def source_key(self) -> str:
+        if self.data_path:
+            files = jsonl_files(self.data_path, "data.data_path")
+            return stable_hash("sft-files", files_fingerprint(files), self.val_data_path, self.val_fraction, self.seed)
+        if self.hf_dataset:
+            return stable_hash("sft-hf", self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split)
+        return stable_hash("sft-builtin", self.seed, self.builtin_documents, self.builtin_max_facts)
+
+    def pairs(self, split: str) -> list[Pair]:
+        """The (prompt, answer) pairs of "train" or "validation"."""
+        if split not in self._pairs:
+            self._pairs[split] = self._load_pairs(split)
+        return self._pairs[split]
+
+    def _load_pairs(self, split: str) -> list[Pair]:
+        fields = (self.prompt_field, self.answer_field)
+        if self.data_path:
+            if split == "validation" and self.val_data_path:
+                return read_jsonl(jsonl_files(self.val_data_path, "data.val_data_path"), *fields)
+            pairs = read_jsonl(jsonl_files(self.data_path, "data.data_path"), *fields)
+            return self._holdout(pairs, split) if not self.val_data_path else pairs
+        if self.hf_dataset:
+            if split == "validation" and self.hf_val_split:
+                return read_hf(self.hf_dataset, self.hf_config, self.hf_val_split, *fields)
+            pairs = read_hf(self.hf_dataset, self.hf_config, self.hf_split, *fields)
+            return self._holdout(pairs, split) if not self.hf_val_split else pairs
+        count = self.builtin_documents if split == "train" else max(8, round(self.builtin_documents * self.val_fraction))
+        return [(e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(count, split)]
+
+    def _holdout(self, pairs: list[Pair], split: str) -> list[Pair]:
+        if len(pairs) < 2:
+            raise DataError(f"data: only {len(pairs)} sample(s); cannot hold out a validation split")
+        order = np.random.default_rng(self.seed).permutation(len(pairs))
+        held = max(1, round(len(pairs) * self.val_fraction))
+        chosen = order[:held] if split == "validation" else order[held:]
+        return [pairs[i] for i in sorted(chosen)]
+
+    def _texts(self, split: str) -> HFDataset:
+        """The text a new BPE is trained on."""
+        return HFDataset.from_dict({"text": [
+            self.prompt_template.replace("{prompt}", p) + self.answer_template.replace("{answer}", a)
+            for p, a in self.pairs(split)
+        ]})
+
+    def prepare(self, split: str) -> PreparedSplit:
+        """Tokenise and fit one split, and report what fitting it cut or dropped."""
+        prepared = encode(self.pairs(split), self.tokenizer, self.vocab, self.prompt_template, self.answer_template,
+                          self.block_size, self.truncation)
+        if not prepared.ids:
+            raise DataError(f"data ({split}): no sample fits data.block_size={self.block_size}: {prepared.summary()}")
+        lengths = torch.tensor([len(ids) for ids in prepared.ids])
+        answer_tokens = torch.tensor([max(end - start - (end == len(ids)), 0)
+                                      for ids, (start, end) in zip(prepared.ids, prepared.answer_spans)])
+        qualifies, with_copy = self.policy.copy_plan(lengths, answer_tokens, self.block_size)
+        if split == "train" and (qualifies & ~with_copy).any():
+            prepared.events["MEAP copies dropped: no room for the concatenated copy (raise data.block_size or use "
+                            "layout: separate_rows); these samples train as plain SFT"] += int((qualifies & ~with_copy).sum())
+        if prepared.events:
+            rank_zero_warn(f"data ({split}): {prepared.summary()}")
+        return prepared
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        self.tokenizer  # trains and caches the BPE once, before the ranks start
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.policy.needs_mask_token and self.vocab.mask_id is None:
+            raise DataError(
+                f"tokenizer {self.tokenizer.name_or_path!r} has no mask token, but {type(self.policy).__name__} needs one"
+            )
+        self.policy.setup(self.vocab)
+        for split in ("train", "validation"):
+            if split not in self.prepared:
+                self.prepared[split] = self.prepare(split)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = SFTSamples(self.prepared["train"])
+        sampler = self._sampler(dataset, shuffle=True)
+        sampler.skip = self._batches_done_this_epoch() * self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=SFTCollator(self.policy, self.vocab, self.seed, self.block_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=True,
+            generator=self._private_generator(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = SFTSamples(self.prepared["validation"])
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler(dataset, shuffle=False),
+            collate_fn=SFTCollator(self.policy.validation_policy(0.0), self.vocab, self.seed, self.block_size),
+            generator=self._private_generator(),
+        )
+
+
+def _policy_errors(args: dict) -> list[str]:
+    """Check a MEAP policy's keys before it is built. The CLI hands its config over flattened
+    (`masking.class_path`, `masking.init_args.ratio`); Python callers pass the policy itself."""
+    class_path = args.get("masking.class_path", "")
+    if str(class_path).rsplit(".", 1)[-1] != MEAPFineTuneCollate.__name__:
+        return []
+    prefix = "masking.init_args."
+    return MEAPFineTuneCollate.config_errors(**{k[len(prefix):]: v for k, v in args.items() if k.startswith(prefix)})
