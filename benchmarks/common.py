@@ -129,17 +129,33 @@ def quickstart_config() -> dict:
     return yaml.safe_load(QUICKSTART.read_text())
 
 
+def _init_args(section: dict | None) -> dict:
+    """A config section's arguments, written either flat or as `class_path` + `init_args`."""
+    section = section or {}
+    return dict(section.get("init_args", section)) if "class_path" in section else dict(section)
+
+
+def quickstart_model_args() -> dict:
+    """`model.init_args` of quickstart.yaml (the optimiser as an `OptimizerConfig`)."""
+    args = _init_args(quickstart_config().get("model"))
+    args["optimizer"] = OptimizerConfig(**(args.get("optimizer") or {}))
+    return args
+
+
+def quickstart_data_args() -> dict:
+    """`data` (or `data.init_args`) of quickstart.yaml."""
+    return _init_args(quickstart_config().get("data"))
+
+
 def quickstart_optimizer_config() -> OptimizerConfig:
-    return OptimizerConfig(**quickstart_config()["model"]["init_args"].get("optimizer", {}))
+    return quickstart_model_args()["optimizer"]
 
 
 def quickstart_model(dm: PretrainingDataModule, cls: type[CausalLMModule] = CausalLMModule) -> CausalLMModule:
     """The model of `experiments/configs/quickstart.yaml` (read from the file, so it stays in
     sync), with the datamodule's vocabulary and block size."""
-    args = dict(quickstart_config()["model"]["init_args"])
-    args["optimizer"] = OptimizerConfig(**args.get("optimizer", {}))
     torch.manual_seed(0)
-    return cls(vocab=dm.model_vocab, block_size=dm.block_size, **args)
+    return cls(vocab=dm.model_vocab, block_size=dm.block_size, **quickstart_model_args())
 
 
 def adamw(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:

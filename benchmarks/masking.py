@@ -34,7 +34,7 @@ from benchmarks.common import (
     CpuContention,
     adamw,
     markdown_table,
-    quickstart_config,
+    quickstart_data_args,
     quickstart_model,
     quickstart_optimizer_config,
     quiet,
@@ -90,7 +90,7 @@ def collate_share(dm: PretrainingDataModule, args: argparse.Namespace) -> dict[s
     policy = MEAPInputMask()
     policy.ratio = 0.15
     collate = MaskingCollator(policy, dm.vocab, seed=0)
-    batch_size = args.step_batch_size or quickstart_config()["data"]["batch_size"]
+    batch_size = args.step_batch_size or quickstart_data_args()["batch_size"]
     batches = [samples(dm, batch_size, b) for b in range(args.batches)]
     model = quickstart_model(dm)
     model.train()
@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet()
+    torch.set_flush_denormal(True)  # as experiments/run.py does: AdamW states go denormal on CPU
     contention = CpuContention()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tiny_datamodule(

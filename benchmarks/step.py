@@ -46,7 +46,7 @@ from benchmarks.common import (
     CpuContention,
     adamw,
     markdown_table,
-    quickstart_config,
+    quickstart_data_args,
     quickstart_model,
     quickstart_optimizer_config,
     quiet,
@@ -225,8 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet()
+    torch.set_flush_denormal(True)  # as experiments/run.py does: AdamW states go denormal on CPU
     contention = CpuContention()
-    data = quickstart_config()["data"]
+    data = quickstart_data_args()
     batch_size = args.batch_size or data["batch_size"]
     block_size = args.block_size or data["block_size"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quickstart model, batch {batch_size} x {block_size}")
