@@ -103,3 +103,41 @@ def test_self_masking_run_chooses_higher_entropy_than_average(tiny_args, tmp_pat
     for step, chosen in logged["mask/entropy_mean_chosen"].items():
         assert chosen > logged["mask/entropy_mean_all"][step]
     assert 0.10 < logged["mask/ratio"][5] < 0.2
+
+
+class _SetLogits(torch.nn.Module):
+    """A 'model' whose logits at each position are set by hand: position j of every row gets a
+    distribution whose entropy grows with `spread[j]`."""
+
+    def __init__(self, spread: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.spread, self.vocab_size = spread, vocab_size
+
+    def forward(self, input_ids, attention_mask=None):
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.vocab_size)
+        logits[..., 0] = 10.0 * (1 - self.spread)  # spread 0: peaked (low entropy); 1: uniform
+        return type("Out", (), {"logits": logits})()
+
+
+def test_callback_masks_exactly_the_positions_of_highest_entropy_on_a_set_model():
+    from types import SimpleNamespace
+
+    from datamodules.entropy import EntropyPositionMask
+    from tests.conftest import make_vocab, random_ids
+
+    vocab = make_vocab(64)
+    spread = torch.tensor([0.0, 0.9, 0.1, 1.0, 0.2, 0.8, 0.3, 0.7, 0.4, 0.0])
+    ids = random_ids(3, 10, vocab)  # BOS ... EOS: positions 1..8 are maskable
+    policy = EntropyPositionMask()
+    policy.ratio = 0.25  # 0.25 · 8 = 2 per row
+    for selection, expected in (("high", [3, 1]), ("low", [2, 4])):
+        callback = EntropyMaskingCallback(selection=selection)
+        callback.policy, callback._vocab, callback.teacher = policy, None, None
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(vocab=vocab), global_step=0)
+        module = SimpleNamespace(model=_SetLogits(spread, 64), log_dict=lambda *a, **k: None)
+        batch = {"input_ids": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        callback.on_train_batch_start(trainer, module, batch, 0)
+        for row in batch["masked"]:
+            assert sorted(row.nonzero().flatten().tolist()) == sorted(expected)
+        assert torch.equal(batch["labels"] != IGNORE_INDEX, batch["masked"])
