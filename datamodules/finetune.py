@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset as HFDataset, load_dataset, load_from_disk
+from datasets import Dataset as HFDataset
+from datasets import load_dataset, load_from_disk
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from datamodules.corpus import BuiltinCorpus
 from datamodules.errors import DataError

@@ -146,8 +146,9 @@ def test_token_stats_line_up_with_the_labels_they_score():
 
 @pytest.mark.parametrize(("name", "millions"), [("llama_100m", (80, 130)), ("llama_500m", (350, 550)), ("llama_1b", (1000, 1400))])
 def test_paper_sized_model_configs_build_the_advertised_size(name, millions):
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     spec = yaml.safe_load(Path(f"experiments/configs/models/{name}.yaml").read_text())
     init_args = {k: v for k, v in spec["init_args"].items() if k != "optimizer"}

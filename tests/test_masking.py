@@ -3,7 +3,7 @@ import torch
 
 from datamodules.collate import MaskingCollator, batch_generator
 from datamodules.masking import IGNORE_INDEX, MEAPInputMask, NoMask, RandomMLMMask, TokenBlock
-from tests.conftest import BOS, EOS, MASK, PAD, random_ids
+from tests.conftest import EOS, MASK, PAD, random_ids
 
 N_ROWS, LENGTH = 800, 128  # 102,400 tokens
 

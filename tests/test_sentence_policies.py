@@ -3,7 +3,13 @@ import torch
 
 from datamodules.errors import DataError
 from datamodules.masking import IGNORE_INDEX, TokenBlock
-from datamodules.sentence_policies import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask, rank_from_end
+from datamodules.sentence_policies import (
+    LastTokenMask,
+    MatchedRandomMask,
+    PenultimateTokenMask,
+    SentencePositionMask,
+    rank_from_end,
+)
 from tests.conftest import BOS, EOS, FULL_STOP, MASK, PAD, random_ids
 
 FS = FULL_STOP
