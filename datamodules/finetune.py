@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
-from datasets import load_dataset, load_from_disk
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +26,7 @@ from datamodules.finetune_policies import FineTunePolicy, MEAPFineTuneCollate, P
 from datamodules.masking import Vocab
 from datamodules.pretraining import PretrainingDataModule
 from datamodules.qa_corpus import QACorpus
-from datamodules.sources import SAVED_DATASET_MARKERS, files_fingerprint, stable_hash
+from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
 
 TRUNCATIONS = ("prompt_start", "end", "drop")
 Pair = tuple[str, str]
@@ -82,15 +81,7 @@ def read_jsonl(files: list[Path], prompt_field: str, answer_field: str) -> list[
 
 def read_hf(name: str, config: str | None, split: str, prompt_field: str, answer_field: str) -> list[Pair]:
     """(prompt, answer) pairs from a `datasets` source: a `save_to_disk` folder or a hub id."""
-    try:
-        folder = Path(name)
-        if folder.is_dir() and any((folder / f).exists() for f in SAVED_DATASET_MARKERS):
-            loaded = load_from_disk(name)
-            dataset = loaded[split] if hasattr(loaded, "keys") else loaded
-        else:
-            dataset = load_dataset(name, config, split=split)
-    except Exception as err:  # datasets raises many types; the user needs the source named
-        raise DataError(f"data.hf_dataset: could not load {name!r} (config {config!r}, split {split!r}): {err}") from err
+    dataset = open_hf_split(name, config, split)
     missing = [f for f in (prompt_field, answer_field) if f not in dataset.column_names]
     if missing:
         raise DataError(f"data.hf_dataset {name!r}: no column {missing[0]!r} (columns: {dataset.column_names}); "
@@ -278,26 +269,14 @@ class FineTuneDataModule(PretrainingDataModule):
     @staticmethod
     def config_errors(**args) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
-        errors = []
-        if not 0.0 <= args.get("val_fraction", 0.05) <= 1.0:
-            errors.append(f"data.val_fraction must be in [0, 1], got {args['val_fraction']}")
-        for key in ("block_size", "batch_size", "vocab_size", "builtin_documents"):
-            if key in args and args[key] < 1:
-                errors.append(f"data.{key} must be >= 1, got {args[key]}")
+        errors = PretrainingDataModule.config_errors(**args)  # the keys both datamodules share
         if args.get("builtin_max_facts", 16) < 2:
             errors.append(f"data.builtin_max_facts must be >= 2, got {args['builtin_max_facts']}")
-        if args.get("num_workers", 0) < 0:
-            errors.append(f"data.num_workers must be >= 0, got {args['num_workers']}")
         if args.get("truncation", "prompt_start") not in TRUNCATIONS:
             errors.append(f"data.truncation must be one of {', '.join(TRUNCATIONS)}; got {args['truncation']!r}")
         for key, placeholder in (("prompt_template", "{prompt}"), ("answer_template", "{answer}")):
             if key in args and placeholder not in args[key]:
                 errors.append(f"data.{key} must contain {placeholder}, got {args[key]!r}")
-        if args.get("data_path") and args.get("hf_dataset"):
-            errors.append("data.data_path and data.hf_dataset are both set; choose one source")
-        for key in ("data_path", "val_data_path", "tokenizer_path"):
-            if args.get(key) and not Path(args[key]).exists():
-                errors.append(f"data.{key}: {args[key]!r} does not exist")
         errors += _policy_errors(args)
         return errors
 

@@ -45,17 +45,21 @@ def load_text_files(files: list[Path], key: str) -> Dataset:
     return dataset
 
 
-def load_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> Dataset:
+def open_hf_split(name: str, config: str | None, split: str) -> Dataset:
     """A `datasets` source: a folder written by `save_to_disk`, or anything `load_dataset` takes."""
     try:
         folder = Path(name)
         if folder.is_dir() and any((folder / f).exists() for f in SAVED_DATASET_MARKERS):
             loaded = load_from_disk(name)
-            dataset = loaded[split] if hasattr(loaded, "keys") else loaded
-        else:
-            dataset = load_dataset(name, config, split=split)
+            return loaded[split] if hasattr(loaded, "keys") else loaded
+        return load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many types; the user needs the source named
         raise DataError(f"data.hf_dataset: could not load {name!r} (config {config!r}, split {split!r}): {err}") from err
+
+
+def load_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> Dataset:
+    """The text column of a `datasets` source, renamed "text"."""
+    dataset = open_hf_split(name, config, split)
     if text_column not in dataset.column_names:
         raise DataError(f"data.text_column: {text_column!r} is not a column of {name!r}; columns: {dataset.column_names}")
     dataset = dataset.select_columns([text_column])
