@@ -8,6 +8,7 @@ new weights for `datamodules.adaptive.AdaptiveMLMMask`, then reset.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from datamodules.errors import raise_if_any
 from lightning_modules.base import IGNORE_INDEX, TokenStats
+from lightning_modules.teacher import load_teacher
 
 COUNTERS = ("correct", "seen", "masked_loss", "masked_seen", "entropy", "entropy_seen")
 
@@ -58,6 +60,9 @@ class AdaptiveMaskingCallback(L.Callback):
         smoothing: λ, the weight of the old value in w ← λ·w + (1−λ)·target.
         floor: lowest weight a type can get, so that no type is never masked.
         log_top_k: hardest / easiest types shown in the TensorBoard text panel.
+        entropy_source: with ``scoring="entropy"``: the model being trained (``"self"``) or a
+            frozen ``"teacher"``, run on the same masked batch.
+        teacher_path: local masked-LM folder for ``entropy_source="teacher"`` (same vocabulary).
     """
 
     def __init__(
@@ -68,8 +73,14 @@ class AdaptiveMaskingCallback(L.Callback):
         smoothing: float = 0.2,
         floor: float = 0.005,
         log_top_k: int = 20,
+        entropy_source: Literal["self", "teacher"] = "self",
+        teacher_path: str | None = None,
     ) -> None:
         errors = []
+        if entropy_source not in ("self", "teacher"):
+            errors.append(f"AdaptiveMaskingCallback.entropy_source must be 'self' or 'teacher', got {entropy_source!r}")
+        if entropy_source == "teacher" and not teacher_path:
+            errors.append("AdaptiveMaskingCallback.teacher_path is required with entropy_source='teacher'")
         if every_n_batches < 1:
             errors.append(f"AdaptiveMaskingCallback.every_n_batches must be >= 1, got {every_n_batches}")
         if scoring not in ("accuracy", "loss", "entropy"):
@@ -84,6 +95,7 @@ class AdaptiveMaskingCallback(L.Callback):
         self.every_n_batches, self.scoring, self.selection = every_n_batches, scoring, selection
         self.smoothing, self.floor = smoothing, floor
         self.log_top_k = log_top_k
+        self.entropy_source, self.teacher_path, self.teacher = entropy_source, teacher_path, None
         self.counters: dict[str, Tensor] = {}
         self.last_update_step = 0
 
@@ -95,7 +107,11 @@ class AdaptiveMaskingCallback(L.Callback):
             raise_if_any([f"AdaptiveMaskingCallback needs data.masking=AdaptiveMLMMask, got {type(policy).__name__}"])
         if self.floor >= policy.ratio:
             raise_if_any([f"AdaptiveMaskingCallback.floor={self.floor} must be below the mask ratio {policy.ratio}"])
-        pl_module.collect_entropy = pl_module.collect_entropy or self.scoring == "entropy"
+        if self.scoring == "entropy" and self.entropy_source == "teacher":
+            if self.teacher is None:
+                self.teacher = load_teacher(self.teacher_path, pl_module.vocab["tokens"], "AdaptiveMaskingCallback.teacher_path")
+        else:
+            pl_module.collect_entropy = pl_module.collect_entropy or self.scoring == "entropy"
         if not self.counters:
             self._reset(len(policy.weights), pl_module.device)
 
@@ -111,11 +127,22 @@ class AdaptiveMaskingCallback(L.Callback):
     # ---- every step: accumulate on the device ------------------------------------------------
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.accumulate(outputs["token_stats"], pl_module.vocab["mask_token_id"])
+        stats = outputs["token_stats"]
+        if self.teacher is not None:
+            stats = dataclasses.replace(stats, entropy=self.teacher_entropy(pl_module, batch, stats))
+        self.accumulate(stats, pl_module.vocab["mask_token_id"])
         step = trainer.global_step  # optimiser steps; equal across the micro-batches of one step
         if step % self.every_n_batches == 0 and step > self.last_update_step:
             self.update(trainer, pl_module)
             self.last_update_step = step
+
+    @torch.no_grad()
+    def teacher_entropy(self, pl_module: L.LightningModule, batch: dict[str, Tensor], stats: TokenStats) -> Tensor:
+        """The teacher's predictive entropy at the labelled positions of the same masked batch."""
+        teacher = self.teacher.to(batch["input_ids"].device)
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, _ = pl_module.align(logits, batch["labels"])
+        return pl_module.labelled_entropy(logits, stats.labels != IGNORE_INDEX)
 
     def accumulate(self, stats: TokenStats, mask_id: int | None) -> None:
         labelled = stats.labels != IGNORE_INDEX  # [B, L']

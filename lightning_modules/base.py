@@ -147,7 +147,7 @@ class LanguageModelModule(L.LightningModule):
                 inputs=inputs,
                 loss=token_loss.detach(),
                 correct=(logits.argmax(-1) == labels) & labelled,
-                entropy=self._labelled_entropy(logits, labelled) if self.collect_entropy else None,
+                entropy=self.labelled_entropy(logits, labelled) if self.collect_entropy else None,
             )
         return loss, stats
 
@@ -157,7 +157,7 @@ class LanguageModelModule(L.LightningModule):
         return {}
 
     @staticmethod
-    def _labelled_entropy(logits: Tensor, labelled: Tensor) -> Tensor:
+    def labelled_entropy(logits: Tensor, labelled: Tensor) -> Tensor:
         """Predictive entropy at the labelled positions only (0 elsewhere): for MLM that is a
         sixth of the softmax work of every position."""
         entropy = torch.zeros(labelled.shape, dtype=torch.float32, device=logits.device)  # [B, L']

@@ -141,3 +141,26 @@ def test_callback_masks_exactly_the_positions_of_highest_entropy_on_a_set_model(
         for row in batch["masked"]:
             assert sorted(row.nonzero().flatten().tolist()) == sorted(expected)
         assert torch.equal(batch["labels"] != IGNORE_INDEX, batch["masked"])
+
+
+def test_per_type_entropy_from_a_teacher(tiny_args, tmp_path):
+    import json
+
+    from experiments.run import main
+
+    main(["--config", "experiments/configs/mlm_random.yaml", *tiny_args, "--trainer.max_steps", "2"])
+    teacher = tmp_path / "runs" / "mlm_random" / "version_0" / "hf_model"
+    callbacks = json.dumps([{"class_path": "callbacks.AdaptiveMaskingCallback", "init_args": {
+        "every_n_batches": 2, "scoring": "entropy", "entropy_source": "teacher", "teacher_path": str(teacher)}}])
+    cli = main(["--config", "experiments/configs/entropy_per_type.yaml", *tiny_args, "--trainer.callbacks", callbacks])
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "AdaptiveMaskingCallback")
+    assert callback.teacher is not None and not cli.model.collect_entropy  # the student computes none
+    weights = cli.datamodule.policy.weights
+    assert callback.last_update_step == 4 and not torch.allclose(weights, weights.mean().expand_as(weights))
+
+
+def test_teacher_entropy_source_needs_a_path():
+    from callbacks.adaptive_masking import AdaptiveMaskingCallback
+
+    with pytest.raises(ConfigError, match="teacher_path is required with entropy_source='teacher'"):
+        AdaptiveMaskingCallback(scoring="entropy", entropy_source="teacher")
