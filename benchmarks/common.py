@@ -147,31 +147,11 @@ def quickstart_data_args() -> dict:
     return _init_args(quickstart_config().get("data"))
 
 
-def quickstart_optimizer_config() -> OptimizerConfig:
-    return quickstart_model_args()["optimizer"]
-
-
 def quickstart_model(dm: PretrainingDataModule, cls: type[CausalLMModule] = CausalLMModule) -> CausalLMModule:
     """The model of `experiments/configs/quickstart.yaml` (read from the file, so it stays in
     sync), with the datamodule's vocabulary and block size."""
     torch.manual_seed(0)
     return cls(vocab=dm.model_vocab, block_size=dm.block_size, **quickstart_model_args())
-
-
-def adamw(module: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """The AdamW of `LanguageModelModule.configure_optimizers` (decay on matrices, none on
-    biases, norms and embeddings), without the learning-rate scheduler (which needs a Trainer)."""
-    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
-    decay_ids = {id(p) for p in decay}
-    no_decay = [p for p in params if id(p) not in decay_ids]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-    )
 
 
 def markdown_table(rows: list[tuple[str, str, str]]) -> str:

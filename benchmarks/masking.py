@@ -32,11 +32,9 @@ from transformers import DataCollatorForLanguageModeling
 
 from benchmarks.common import (
     CpuContention,
-    adamw,
     markdown_table,
     quickstart_data_args,
     quickstart_model,
-    quickstart_optimizer_config,
     quiet,
     samples,
     tiny_datamodule,
@@ -94,7 +92,7 @@ def collate_share(dm: PretrainingDataModule, args: argparse.Namespace) -> dict[s
     batches = [samples(dm, batch_size, b) for b in range(args.batches)]
     model = quickstart_model(dm)
     model.train()
-    optimizer = adamw(model, quickstart_optimizer_config())
+    optimizer = model.build_optimizer()
 
     def step(batch) -> None:
         loss, _, _ = model.loss(batch)

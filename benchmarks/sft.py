@@ -27,10 +27,10 @@ import warnings
 
 import torch
 
-from benchmarks.common import CpuContention, adamw, markdown_table, quiet, verdict
+from benchmarks.common import CpuContention, markdown_table, quiet, verdict
 from datamodules import FineTuneDataModule, MEAPFineTuneCollate, PlainSFT
 from datamodules.finetune import SFTCollator
-from lightning_modules import CausalLMModule, OptimizerConfig
+from lightning_modules import CausalLMModule
 
 POLICIES = {
     "plain SFT": PlainSFT(),
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     module = CausalLMModule(vocab=dm.model_vocab, block_size=dm.block_size, hidden_size=128, num_layers=2, num_heads=4,
                             num_kv_heads=2, max_position_embeddings=1024)
-    optimizer = adamw(module, OptimizerConfig())
+    optimizer = module.build_optimizer()
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()

@@ -44,11 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import (
     CpuContention,
-    adamw,
     markdown_table,
     quickstart_data_args,
     quickstart_model,
-    quickstart_optimizer_config,
     quiet,
     samples,
     tiny_datamodule,
@@ -66,7 +64,7 @@ class PlainAdamWModule(CausalLMModule):
     """The quickstart module with a plain AdamW (no scheduler), so a hand loop can match it."""
 
     def configure_optimizers(self):
-        return adamw(self, self.optimizer_config)
+        return self.build_optimizer()
 
 
 class RepeatedBatch(Dataset):
@@ -114,7 +112,7 @@ def meap_vs_ntp(model: CausalLMModule, dm: PretrainingDataModule, batch_size: in
     collates = {"meap": MaskingCollator(meap, dm.vocab, seed=0), "ntp": MaskingCollator(ntp, dm.vocab, seed=0)}
     blocks = [samples(dm, batch_size, b) for b in range(args.batches)]
     batches = {name: [collate(s) for s in blocks] for name, collate in collates.items()}
-    optimizer = adamw(model, quickstart_optimizer_config())
+    optimizer = model.build_optimizer()
     model.train()
 
     def step(batch) -> float:
@@ -173,7 +171,7 @@ def trainer_vs_plain(model: PlainAdamWModule, batch: dict[str, torch.Tensor], ar
 
     def plain_run() -> list[float]:
         model.train()
-        optimizer = adamw(model, model.optimizer_config)
+        optimizer = model.build_optimizer()
         starts = []
         for i, b in enumerate(loader()):
             if i == steps:

@@ -199,17 +199,22 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss.reset()
         self.val_acc.reset()
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices only (biases, norms and embeddings get none)."""
         cfg = self.optimizer_config
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and not _is_embedding(self, p)]
         decay_ids = {id(p) for p in decay}
         no_decay = [p for p in self.parameters() if p.requires_grad and id(p) not in decay_ids]
-        optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
         )
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        optimizer = self.build_optimizer()
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, num_warmup_steps=min(cfg.warmup_steps, total), num_training_steps=total, min_lr_rate=cfg.min_lr_ratio
@@ -231,6 +236,6 @@ class LanguageModelModule(L.LightningModule):
 
 
 def _is_embedding(module: L.LightningModule, param: torch.nn.Parameter) -> bool:
-    embeddings = [m.weight for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    embeddings = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
     return any(param is e for e in embeddings)
 
