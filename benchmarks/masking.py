@@ -17,7 +17,8 @@ Measured, in one run, on the built-in corpus tokenised and packed as training do
    ``loss(batch)``) are timed alternately, as in a training loop with ``num_workers=0``;
    reported is median(collate) / (median(collate) + median(step)). Target: <= 3%.
 
-Times are wall-clock (``time.perf_counter``) medians after warm-up; torch threads at their default.
+Times are wall-clock (``time.perf_counter``) medians after warm-up; torch threads at their default;
+denormals flushed to zero, as ``experiments/run.py`` does.
 The run also reports how much CPU other processes used meanwhile (ratios are unreliable if not ~0).
 """
 
