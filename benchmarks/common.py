@@ -154,6 +154,20 @@ def quickstart_model(dm: PretrainingDataModule, cls: type[CausalLMModule] = Caus
     return cls(vocab=dm.model_vocab, block_size=dm.block_size, **quickstart_model_args())
 
 
+def step_timer(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[dict[str, Tensor]], float]:
+    """A function timing one full optimiser step (forward, backward, AdamW, zero_grad) on a batch."""
+
+    def step(batch: dict[str, Tensor]) -> float:
+        start = time.perf_counter()
+        loss, _, _ = module.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
 def markdown_table(rows: list[tuple[str, str, str]]) -> str:
     """A `metric | measured | target` table to paste into the README."""
     lines = ["| metric | measured | target |", "| --- | --- | --- |"]

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 
 import torch
 
-from benchmarks.common import CpuContention, markdown_table, quiet, verdict
+from benchmarks.common import CpuContention, markdown_table, quiet, step_timer, verdict
 from datamodules import FineTuneDataModule, MEAPFineTuneCollate, PlainSFT
 from datamodules.finetune import SFTCollator
 from lightning_modules import CausalLMModule
@@ -63,13 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                             num_kv_heads=2, max_position_embeddings=1024)
     optimizer = module.build_optimizer()
 
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        start = time.perf_counter()
-        loss, _, _ = module.loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+    step = step_timer(module, optimizer)
 
     contention = CpuContention()
     for name in POLICIES:  # warm-up

@@ -56,6 +56,7 @@ from benchmarks.common import (
     quickstart_model_args,
     quiet,
     samples,
+    step_timer,
     tiny_datamodule,
     verdict,
 )
@@ -122,13 +123,7 @@ def meap_vs_ntp(model: CausalLMModule, dm: PretrainingDataModule, batch_size: in
     optimizer = model.build_optimizer()
     model.train()
 
-    def step(batch) -> float:
-        start = time.perf_counter()
-        loss, _, _ = model.loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+    step = step_timer(model, optimizer)
 
     # Each repeat runs MEAP, NTP and a second NTP step on another batch (an A/A control: its
     # ratio to NTP shows how far noise alone moves a ratio), in rotating order.
