@@ -24,17 +24,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from callbacks.entropy_analysis import FORKING_THRESHOLD, by_position, forking_stats  # noqa: E402
-from datamodules.errors import MasklabError  # noqa: E402
-from datamodules.masking import TokenBlock  # noqa: E402
-from datamodules.sentence_policies import rank_from_end  # noqa: E402
-from experiments.heldout import LoadedModel, add_text_arguments, heldout_blocks, heldout_texts, load_model  # noqa: E402
-from lightning_modules.base import predictive_entropy  # noqa: E402
+from callbacks.entropy_analysis import FORKING_THRESHOLD, by_position, forking_stats
+from datamodules.errors import MasklabError
+from datamodules.masking import TokenBlock
+from datamodules.sentence_policies import rank_from_end
+from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
+from evaluation.model import LoadedModel, load_model
+from lightning_modules.base import predictive_entropy
 
 FREQUENCY_BUCKETS = ((1, 10), (11, 100), (101, 1000), (1001, None))  # type ranks, most frequent = 1
 

@@ -23,7 +23,7 @@ from datamodules.finetune import SFTCollator, encode
 from datamodules.finetune_policies import PlainSFT
 from datamodules.masking import IGNORE_INDEX
 from datamodules.qa_corpus import QACorpus
-from experiments.heldout import LoadedModel, load_model
+from evaluation.model import LoadedModel, load_model
 
 
 def kv_examples(seed: int, max_facts: int, count: int) -> list:

@@ -22,7 +22,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import ExportCallback, MaskRatioLogger, TokenThroughputMonitor, update_metrics_json
+from callbacks import (
+    ExportCallback,
+    MaskRatioLogger,
+    TokenThroughputMonitor,
+    update_metrics_json,
+)
 from callbacks.export import scalar_metrics
 from datamodules.errors import ConfigError, MasklabError
 from lightning_modules import LanguageModelModule

@@ -33,7 +33,8 @@ from torch import Tensor
 from datamodules.errors import DataError, MasklabError
 from datamodules.masking import TokenBlock
 from datamodules.swap_policies import SecondToLastSwap, swap_pairs, swap_positions
-from experiments.heldout import LoadedModel, add_text_arguments, heldout_blocks, heldout_texts, load_model
+from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
+from evaluation.model import LoadedModel, load_model
 
 
 def refine_scores(logits: Tensor, candidates: Tensor, recovered: Tensor, w: float, bonus: str = "logprob") -> Tensor:
@@ -94,7 +95,7 @@ def refinement(stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length:
         refined.append(refine(logits, candidates, recovered, w, bonus) == truth)
         in_top_k.append((candidates == truth[:, None]).any(1))
         recovered_any.append(recovered.any(1))
-    cat = lambda parts: torch.cat(parts).float().mean().item()  # noqa: E731
+    cat = lambda parts: torch.cat(parts).float().mean().item()
     return {
         "next_token_top1_acc": cat(plain),
         "refined_top1_acc": cat(refined),

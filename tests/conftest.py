@@ -55,3 +55,41 @@ TINY = [
 def tiny_args(tmp_path) -> list[str]:
     """Overrides that make any shipped config train in seconds, writing under tmp_path."""
     return [*TINY, "--runs_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]
+
+
+def save_tiny_hf_model(folder, objective: str, max_positions: int = 256):
+    """A random 2-layer transformers model (Llama for "causal", BERT for "mlm") and a small BPE
+    tokenizer trained on the built-in corpus, saved as an `hf_model/` folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from datamodules.corpus import BuiltinCorpus
+    from datamodules.tokenizer import train_bpe
+
+    torch.manual_seed(0)
+    tokenizer = train_bpe(BuiltinCorpus(0).documents(60), vocab_size=300)
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": max_positions}
+    if objective == "causal":
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **ids, **shape))
+    else:
+        model = AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", type_vocab_size=1, **ids, **shape))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory):
+    """An hf_model folder holding a random tiny Llama (context 256) and its tokenizer."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("causal") / "hf_model", "causal")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory):
+    """An hf_model folder holding a random tiny BERT (context 256) and its tokenizer."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("mlm") / "hf_model", "mlm")
