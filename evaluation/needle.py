@@ -1,0 +1,155 @@
+"""needle: a fact hidden at depths 0–100% of haystacks of growing length; can the model recall it?
+
+For each (length, depth) cell, `samples` prompts of exactly `length` tokens are built in token
+space: `<bos>`, haystack text, the needle sentence ("The code of Velora is 4812.") inserted at the
+sentence boundary nearest to `depth` of the haystack, more haystack, then the question ("Recall:
+the code of Velora is"). The model answers greedily (an encoder fills [MASK] slots). Scores:
+exact match (the answer starts with the value) and ROUGE-1 recall of the value's words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torchmetrics.functional.text.rouge import rouge_score
+
+from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
+from datamodules.errors import ConfigError
+from datamodules.sources import load_text_files, text_files
+from evaluation.model import LoadedModel
+from evaluation.result import SuiteResult
+from evaluation.scoring import answers, exact_match
+
+
+@dataclass
+class Options:
+    """Args:
+    haystack: text file or folder for the haystack (e.g. ../shared/data/pg_essays); None = built-in corpus text.
+    lengths: prompt lengths in tokens; None = 4 lengths evenly spaced up to the model's context.
+    depths: how many needle depths, evenly spaced from 0% to 100% of the haystack.
+    samples: prompts per (length, depth) cell, each with its own needle and haystack window.
+    needle: the needle sentence; {attribute}, {name} and {value} are filled in.
+    question: what follows the haystack; the model must continue it with the value.
+    seed: seed of the needles, the haystack windows and the built-in haystack.
+    batch_size: prompts per generate call.
+    use_cache: decode with the KV cache (False recomputes the whole prompt for every new token).
+    """
+
+    haystack: str | None = None
+    lengths: list[int] | None = None
+    depths: int = 11
+    samples: int = 4
+    needle: str = "The {attribute} of {name} is {value}."
+    question: str = "Recall: the {attribute} of {name} is"
+    seed: int = 0
+    batch_size: int = 16
+    use_cache: bool = True
+
+
+@dataclass(frozen=True)
+class Case:
+    ids: list[int]  # the prompt, exactly `length` tokens
+    value: str
+    length: int
+    depth: float  # the needle's actual place: its first token's offset / haystack tokens
+
+
+# (prompts, new tokens) -> answers; the suite uses the model, tests plug in oracles
+Answerer = Callable[[list[list[int]], int], list[str]]
+
+
+def haystack_ids(loaded: LoadedModel, options: Options, tokens_needed: int) -> list[int]:
+    """Haystack text as one token list, long enough for every window."""
+    if options.haystack:
+        texts = list(load_text_files(text_files(options.haystack, "needle.haystack"), "needle.haystack")["text"])
+    else:
+        texts = BuiltinCorpus(options.seed).documents(max(20, tokens_needed // 150), "test")
+    ids = loaded.tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    while len(ids) < tokens_needed:  # a short haystack repeats, as in the original test
+        ids = ids + ids
+    return ids
+
+
+def needle_lengths(loaded: LoadedModel, options: Options, new_tokens: int) -> list[int]:
+    """The prompt lengths, checked against the model's context (prompt + answer must fit)."""
+    limit = loaded.context_length - new_tokens
+    lengths = options.lengths or [int(x) for x in np.linspace(limit / 4, limit, 4)]
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ConfigError(
+            f"needle.lengths {too_long} exceed the model's context: {loaded.context_length} tokens "
+            f"minus {new_tokens} answer tokens leaves at most {limit}"
+        )
+    return sorted(lengths)
+
+
+def build_cases(loaded: LoadedModel, options: Options, new_tokens: int) -> list[Case]:
+    rng = np.random.default_rng(options.seed)
+    names = BuiltinCorpus(options.seed).names
+    lengths = needle_lengths(loaded, options, new_tokens)
+    haystack = haystack_ids(loaded, options, 2 * max(lengths))
+    is_end = loaded.vocab.is_sentence_end[torch.tensor(haystack)].numpy()
+    encode = lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    cases = []
+    for length in lengths:
+        for depth in np.linspace(0, 1, options.depths):
+            for _ in range(options.samples):
+                fact = {"attribute": rng.choice(ATTRIBUTES), "name": rng.choice(names), "value": str(rng.integers(1000, 10000))}
+                needle, question = encode(" " + options.needle.format(**fact)), encode("\n" + options.question.format(**fact))
+                size = length - 1 - len(needle) - len(question)
+                if size < 0:
+                    raise ConfigError(f"needle.lengths: {length} tokens cannot hold the needle and the question")
+                start = int(rng.integers(0, len(haystack) - size + 1))
+                window = haystack[start : start + size]
+                # the window's start and every place just after a sentence end
+                boundaries = np.concatenate([[0], np.flatnonzero(is_end[start : start + size]) + 1])
+                cut = int(boundaries[np.abs(boundaries - depth * size).argmin()])
+                ids = [loaded.vocab.bos_id, *window[:cut], *needle, *window[cut:], *question]
+                cases.append(Case(ids, fact["value"], length, cut / max(size, 1)))
+    return cases
+
+
+def heatmap(grid: np.ndarray, lengths: list[int], title: str):
+    """Exact match by depth (rows) and length (columns)."""
+    depths = grid.shape[0]
+    figure, axes = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.35 * depths + 1.5))
+    image = axes.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for (row, col), value in np.ndenumerate(grid):
+        axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    axes.set_yticks(range(depths), [f"{100 * d:.0f}%" for d in np.linspace(0, 1, depths)])
+    axes.set_xlabel("prompt length (tokens)")
+    axes.set_ylabel("needle depth")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="exact match")
+    figure.tight_layout()
+    return figure
+
+
+def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
+    new_tokens = len(loaded.tokenizer(" 10000.", add_special_tokens=False)["input_ids"]) + 1
+    cases = build_cases(loaded, options, new_tokens)
+    answerer = answerer or (lambda prompts, n: answers(loaded, prompts, n, options.batch_size, options.use_cache))
+    predictions = answerer([c.ids for c in cases], new_tokens)
+    correct = np.array([exact_match(p, c.value) for p, c in zip(predictions, cases)], dtype=float)
+    rouge = np.array([float(rouge_score(p, c.value, rouge_keys="rouge1")["rouge1_recall"]) for p, c in zip(predictions, cases)])
+    lengths = sorted({c.length for c in cases})
+    grid = correct.reshape(len(lengths), options.depths, options.samples).mean(-1).T  # [depths, lengths]: cases are length-major
+    figure = heatmap(grid, lengths, f"needle: exact match {correct.mean():.2f}")
+    metrics = {"acc": float(correct.mean()), "rouge1_recall": float(rouge.mean())}
+    metrics |= {f"acc_length_{n}": float(grid[:, i].mean()) for i, n in enumerate(lengths)}
+    table = "\n".join(
+        ["| length | " + " | ".join(f"{100 * d:.0f}%" for d in np.linspace(0, 1, options.depths)) + " | mean |",
+         "| --- " * (options.depths + 2) + "|"]
+        + [f"| {n} | " + " | ".join(f"{v:.2f}" for v in grid[:, i]) + f" | {grid[:, i].mean():.2f} |" for i, n in enumerate(lengths)]
+    )
+    details = {"lengths": lengths, "depths": np.linspace(0, 1, options.depths).tolist(), "exact_match": grid.tolist(),
+               "examples": [{"value": c.value, "depth": c.depth, "length": c.length, "answer": p} for c, p in zip(cases[:: options.samples], predictions[:: options.samples])]}
+    return SuiteResult(metrics, {"heatmap": figure}, table, details)

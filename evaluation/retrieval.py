@@ -1,0 +1,226 @@
+"""retrieval: accuracy by the gold item's position in the context ("lost in the middle").
+
+Liu et al. (2023) give a model `items` records or documents, one of which holds the answer, and
+move that gold item through every position. Two built-in synthetic tasks follow the protocol:
+
+* `kv`: JSON key–value records (`{"Velora": "4812", ...}`) and a question about one key;
+* `qa`: documents of corpus sentences, each stating one fact of the same attribute about a
+  different name; the question asks for the gold document's fact.
+
+A file in lost-in-the-middle's jsonl(.gz) format (`ordered_kv_records`/`key`/`value` for kv,
+`question`/`answers`/`ctxs` for multi-document QA) is read instead when `data` is given, with
+the gold item moved to each position. An answer is correct when it contains a gold answer after
+normalisation (their metric). The prompt is put into the run's fine-tuning template when the run
+has one (`data.prompt_template`), else `{prompt}\\nAnswer:`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
+from datamodules.errors import ConfigError, DataError
+from evaluation.model import LoadedModel
+from evaluation.result import SuiteResult
+from evaluation.scoring import answers, contains_answer
+
+TASKS = ("kv", "qa")
+
+
+@dataclass
+class Options:
+    """Args:
+    tasks: built-in synthetic tasks to run: kv (JSON key–value records) and/or qa (documents).
+    data: a lost-in-the-middle .jsonl / .jsonl.gz file; replaces the built-in tasks.
+    items: records / documents per prompt (the gold one included); None = as many as fit the model's context (at most 10; a file's own count).
+    positions: gold positions to test, spread evenly from the first item to the last; None = every position.
+    examples: prompts per gold position.
+    prompt_template: wraps the prompt; None = the run's data.prompt_template, else "{prompt}\\nAnswer:".
+    seed: seed of the synthetic examples.
+    batch_size: prompts per generate call.
+    """
+
+    tasks: list[str] | None = None
+    data: str | None = None
+    items: int | None = None
+    positions: int | None = 5
+    examples: int = 20
+    prompt_template: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Example:
+    """Items in their original order; `gold` is the index of the one holding the answer."""
+
+    items: list[str]
+    gold: int
+    question: str
+    answers: list[str]
+    kind: str  # "kv" or "qa"
+
+    def truncated(self, items: int) -> Example:
+        """The gold item and the first `items - 1` others."""
+        others = [item for i, item in enumerate(self.items) if i != self.gold]
+        return Example([self.items[self.gold], *others[: items - 1]], 0, self.question, self.answers, self.kind)
+
+    def with_gold_at(self, position: int) -> list[str]:
+        others = [item for i, item in enumerate(self.items) if i != self.gold]
+        return [*others[:position], self.items[self.gold], *others[position:]]
+
+    def prompt(self, position: int) -> str:
+        items = self.with_gold_at(position)
+        if self.kind == "kv":
+            records = ", ".join(items)
+            return f"JSON data: {{{records}}}\nQuestion: what is the value of {self.question}?"
+        documents = "\n".join(f"Document [{i + 1}] {text}" for i, text in enumerate(items))
+        return f"{documents}\nQuestion: {self.question}?"
+
+
+def synthetic(kind: str, count: int, items: int, seed: int) -> list[Example]:
+    """`count` examples of `items` items; distractors state facts of the same kind about other names."""
+    world = BuiltinCorpus(seed)
+    rng = np.random.default_rng([seed, TASKS.index(kind)])
+    examples = []
+    for _ in range(count):
+        names = rng.choice(world.names, size=items, replace=False)
+        values = [str(v) for v in rng.integers(1000, 10000, size=items)]
+        if kind == "kv":
+            records = [f'"{name}": "{value}"' for name, value in zip(names, values)]
+            examples.append(Example(records, 0, f'"{names[0]}"', [values[0]], kind))
+        else:
+            attribute = rng.choice(ATTRIBUTES)
+            documents = [f"{world.sentence(rng)} The {attribute} of {name} is {value}. {world.sentence(rng)}" for name, value in zip(names, values)]
+            examples.append(Example(documents, 0, f"what is the {attribute} of {names[0]}", [values[0]], kind))
+    return examples
+
+
+def read_lost_in_the_middle(path: str) -> list[Example]:
+    """Examples from lost-in-the-middle's kv or multi-document QA jsonl(.gz)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"retrieval.data: {path!r} is not a file")
+    opener = gzip.open if file.name.endswith(".gz") else open
+    examples = []
+    with opener(file, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                examples.append(_litm_example(json.loads(line), f"{path}:{number}"))
+    if not examples:
+        raise DataError(f"retrieval.data: {path!r} holds no examples")
+    return examples
+
+
+def _litm_example(record: dict, where: str) -> Example:
+    if "ordered_kv_records" in record:
+        missing = [k for k in ("key", "value") if k not in record]
+        if missing:
+            raise DataError(f"{where}: a key–value record needs {', '.join(missing)}")
+        pairs = record["ordered_kv_records"]
+        gold = next((i for i, (k, _) in enumerate(pairs) if k == record["key"]), None)
+        if gold is None:
+            raise DataError(f"{where}: key {record['key']!r} is not among its ordered_kv_records")
+        return Example([f'"{k}": "{v}"' for k, v in pairs], gold, f'"{record["key"]}"', [record["value"]], "kv")
+    missing = [k for k in ("question", "answers", "ctxs") if k not in record]
+    if missing:
+        raise DataError(f"{where}: neither a key–value record (ordered_kv_records) nor a QA record (missing {', '.join(missing)})")
+    contexts = record["ctxs"]
+    gold = next((i for i, c in enumerate(contexts) if c.get("isgold") or c.get("hasanswer")), None)
+    if gold is None:
+        raise DataError(f"{where}: no document has isgold or hasanswer set")
+    documents = [f"(Title: {c.get('title', '')}) {c['text']}" for c in contexts]
+    return Example(documents, gold, record["question"].rstrip("?"), list(record["answers"]), "qa")
+
+
+def gold_positions(items: int, positions: int | None) -> list[int]:
+    if positions is None or positions >= items:
+        return list(range(items))
+    return sorted(set(np.linspace(0, items - 1, positions).round().astype(int).tolist()))
+
+
+def curve(details: dict[str, dict]):
+    """Accuracy against the gold item's relative position (0 = first item, 1 = last)."""
+    figure, axes = plt.subplots(figsize=(5.5, 3.5))
+    for task, d in details.items():
+        relative = [(p - 1) / (d["items"] - 1) for p in d["positions"]]
+        axes.plot(relative, d["accuracy"], marker="o", label=f"{task} ({d['items']} items)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("position of the gold item (0 = first, 1 = last)")
+    axes.set_ylabel("accuracy")
+    axes.set_title("retrieval by gold position")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+Answerer = Callable[[list[list[int]], int], list[str]]
+
+
+def prompt_ids(loaded: LoadedModel, template: str, prompt: str) -> list[int]:
+    return [loaded.vocab.bos_id, *loaded.tokenizer(template.format(prompt=prompt), add_special_tokens=False)["input_ids"]]
+
+
+def fitted(loaded: LoadedModel, examples: list[Example], items: int | None, template: str, new_tokens: int, task: str) -> list[Example]:
+    """The examples cut to `items` items, or to the most that fit the context when None."""
+    available = min(len(e.items) for e in examples)
+    longest = lambda k: max(len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) for e in examples) + new_tokens
+    if items is None:
+        items = next((k for k in range(available, 1, -1) if longest(k) <= loaded.context_length), 2)
+    if items > available:
+        raise ConfigError(f"retrieval.items={items}: the {task} examples have only {available} items")
+    if longest(items) > loaded.context_length:
+        raise ConfigError(
+            f"retrieval: {task} prompts of {items} items need {longest(items)} tokens but the model's context is "
+            f"{loaded.context_length}; lower retrieval.items"
+        )
+    return [e.truncated(items) for e in examples]
+
+
+def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
+    tasks = options.tasks or list(TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"retrieval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    if options.items is not None and options.items < 2:
+        raise ConfigError(f"retrieval.items must be at least 2, got {options.items}")
+    template = options.prompt_template or loaded.run_config.get("data", {}).get("init_args", {}).get("prompt_template") or "{prompt}\nAnswer:"
+    if options.data:
+        examples = read_lost_in_the_middle(options.data)[: options.examples]
+        by_task = {f"litm_{examples[0].kind}": examples}
+    else:
+        by_task = {task: synthetic(task, options.examples, options.items or 10, options.seed) for task in tasks}
+    answerer = answerer or (lambda prompts, n: answers(loaded, prompts, n, options.batch_size))
+    metrics: dict[str, float] = {}
+    accuracy: dict[str, list[float]] = {}
+    details: dict[str, dict] = {}
+    for task, examples in by_task.items():
+        new_tokens = max(len(loaded.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for e in examples for a in e.answers) + 1
+        examples = fitted(loaded, examples, options.items, template, new_tokens, task)
+        items = len(examples[0].items)
+        positions = gold_positions(items, options.positions)
+        prompts = [prompt_ids(loaded, template, e.prompt(p)) for p in positions for e in examples]
+        predictions = answerer(prompts, new_tokens)
+        golds = [e.answers for _ in positions for e in examples]
+        correct = np.array([contains_answer(p, g) for p, g in zip(predictions, golds)], dtype=float).reshape(len(positions), -1)
+        accuracy[task] = correct.mean(1).tolist()
+        details[task] = {"items": items, "positions": [p + 1 for p in positions], "examples_per_position": len(examples), "accuracy": accuracy[task]}
+        metrics[f"{task}/acc"] = float(correct.mean())
+        metrics |= {f"{task}/acc_position_{p + 1}": float(a) for p, a in zip(positions, accuracy[task])}
+    metrics = {"acc": float(np.mean([metrics[f"{t}/acc"] for t in by_task])), **metrics}
+    table = "\n".join(
+        ["| task | items | accuracy by gold position | mean |", "| --- | --- | --- | --- |"]
+        + [f"| {t} | {d['items']} | " + ", ".join(f"{p}: {a:.2f}" for p, a in zip(d["positions"], d["accuracy"])) + f" | {metrics[f'{t}/acc']:.2f} |" for t, d in details.items()]
+    )
+    return SuiteResult(metrics, {"by_position": curve(details)}, table, details)

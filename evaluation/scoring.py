@@ -1,0 +1,155 @@
+"""How the suites ask a model for numbers: log-probabilities, pseudo-log-likelihoods, answers.
+
+Everything here is batched on the model's device: sequences are padded into one tensor, and a
+pseudo-log-likelihood masks every position of every sentence at once as rows of a large batch
+(Salazar et al. 2020), never one token at a time in Python.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evaluation.model import LoadedModel
+
+
+def pad(sequences: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """[N, L] ids and [N, L] attention mask; padding on the right (or left, for generation)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(longest - len(seq), longest) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention[row, span] = 1
+    return ids, attention
+
+
+def _chunks_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def causal_logprobs(loaded: LoadedModel, sequences: list[list[int]], batch_size: int = 32) -> Tensor:
+    """[N] float: log p(s[1:] | s[0]) summed over tokens, for a causal model; s[0] is the BOS."""
+    totals = torch.zeros(len(sequences))
+    for chunk in _chunks_by_length([len(s) for s in sequences], batch_size):
+        ids, attention = pad([sequences[i] for i in chunk], loaded.vocab.pad_id)
+        ids, attention = ids.to(loaded.device), attention.to(loaded.device)
+        logits = loaded.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()  # [B, L-1, V]
+        token_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+        totals[chunk] = (token_logp * attention[:, 1:]).sum(1).cpu()
+    return totals
+
+
+@torch.no_grad()
+def masked_token_logprobs(
+    loaded: LoadedModel, sequences: list[list[int]], scored: list[list[bool]], rows_per_batch: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Each scored token, masked alone: log p(x_t | x without t) for a masked LM.
+
+    Returns ([R] log-probabilities, [R] index of the sequence each belongs to). Every scored
+    position of every sequence is one row of a batch, `rows_per_batch` rows per forward pass.
+    """
+    ids, attention = pad(sequences, loaded.vocab.pad_id)  # [N, L]
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    for row, flags in enumerate(scored):
+        score[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    sequence_of, position = score.nonzero(as_tuple=True)  # [R], [R]
+    lengths = attention.sum(1)  # [N]
+    out = torch.empty(len(sequence_of))
+    for start in range(0, len(sequence_of), rows_per_batch):
+        seq, pos = sequence_of[start : start + rows_per_batch], position[start : start + rows_per_batch]
+        width = int(lengths[seq].max())
+        rows, row_attention = ids[seq, :width].clone(), attention[seq, :width]  # [r, W]
+        arange = torch.arange(len(seq))
+        targets = rows[arange, pos].clone()  # [r]
+        rows[arange, pos] = loaded.vocab.mask_id
+        logits = loaded.model(input_ids=rows.to(loaded.device), attention_mask=row_attention.to(loaded.device)).logits
+        picked = logits[arange.to(logits.device), pos.to(logits.device)].float()  # [r, V]
+        out[start : start + len(seq)] = torch.log_softmax(picked, -1).gather(-1, targets[:, None].to(logits.device)).squeeze(-1).cpu()
+    return out, sequence_of
+
+
+def pseudo_log_likelihoods(
+    loaded: LoadedModel, sequences: list[list[int]], rows_per_batch: int = 256
+) -> Tensor:
+    """[N] float: sum over a sequence's regular tokens of log p(token | all the others)."""
+    scored = [(~loaded.vocab.is_special[torch.tensor(s)]).tolist() for s in sequences]
+    logp, sequence_of = masked_token_logprobs(loaded, sequences, scored, rows_per_batch)
+    return torch.zeros(len(sequences)).index_add_(0, sequence_of, logp)
+
+
+def sentence_scores(loaded: LoadedModel, sentences: list[str], batch_size: int = 32) -> Tensor:
+    """[N] float: log-probability (causal) or pseudo-log-likelihood (masked) of each sentence,
+    encoded as `<bos> sentence` for a decoder and `<bos> sentence <eos>` for an encoder."""
+    encoded = loaded.tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    bos, eos = loaded.vocab.bos_id, loaded.vocab.eos_id
+    if loaded.objective == "causal":
+        return causal_logprobs(loaded, [[bos, *ids] for ids in encoded], batch_size)
+    return pseudo_log_likelihoods(loaded, [[bos, *ids, eos] for ids in encoded], rows_per_batch=8 * batch_size)
+
+
+@torch.no_grad()
+def answers(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, batch_size: int = 16, use_cache: bool = True) -> list[str]:
+    """The model's answer to each prompt (token ids), decoded up to the first EOS / newline.
+
+    A decoder continues the prompt greedily with transformers' `generate` (prompts left-padded);
+    an encoder fills `new_tokens` [MASK] slots appended to the prompt in one pass.
+    """
+    vocab = loaded.vocab
+    generated: list[list[int]] = [[] for _ in prompts]
+    for chunk in _chunks_by_length([len(p) for p in prompts], batch_size):
+        if loaded.objective == "causal":
+            ids, attention = pad([prompts[i] for i in chunk], vocab.pad_id, left=True)
+            output = loaded.model.generate(
+                input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=vocab.pad_id,
+            )[:, ids.shape[1] :]  # [B, new_tokens]
+        else:
+            slots = [[*prompts[i], *([vocab.mask_id] * new_tokens), vocab.eos_id] for i in chunk]
+            ids, attention = pad(slots, vocab.pad_id)
+            logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
+            starts = torch.tensor([len(prompts[i]) for i in chunk])
+            columns = starts[:, None] + torch.arange(new_tokens)  # [B, new_tokens]
+            output = logits.argmax(-1).cpu().gather(1, columns)
+        for row, i in enumerate(chunk):
+            generated[i] = output[row].tolist()
+    texts = []
+    for tokens in generated:
+        if vocab.eos_id in tokens:
+            tokens = tokens[: tokens.index(vocab.eos_id)]
+        texts.append(loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip().split("\n")[0])
+    return texts
+
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed (SQuAD's rule)."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(w for w in text.split() if w not in {"a", "an", "the"})
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """The prediction starts with the answer, word for word, after normalisation."""
+    words, gold = normalize(prediction).split(), normalize(answer).split()
+    return bool(gold) and words[: len(gold)] == gold
+
+
+def contains_answer(prediction: str, answers: list[str]) -> bool:
+    """Any normalised answer occurs in the normalised prediction (lost-in-the-middle's metric)."""
+    padded = f" {normalize(prediction)} "
+    return any(f" {normalize(a)} " in padded for a in answers if normalize(a))
+
+
+def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """[B, L] cross-entropy of each target under its logits, 0 where the target is -100."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
