@@ -32,12 +32,14 @@ REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "field", "UID")
 
 @dataclass
 class Options:
-    """Args:
-    data: a BLiMP .jsonl / .jsonl.gz file or a folder of them (one paradigm per file), e.g. ../shared/data/blimp.
-    hf_dataset: a `datasets` source instead of `data` (a save_to_disk folder or a hub id), split `train`.
-    paradigms: only these paradigms (UIDs); None = all.
-    max_pairs: at most this many pairs per paradigm (the first ones); None = all.
-    batch_size: sentences per forward pass (decoders); an encoder runs 8x this many masked rows per pass.
+    """Where the minimal pairs come from, and how many are scored.
+
+    Args:
+        data: a BLiMP .jsonl / .jsonl.gz file or a folder of them (one paradigm per file), e.g. ../shared/data/blimp.
+        hf_dataset: a `datasets` source instead of `data` (a save_to_disk folder or a hub id), split `train`.
+        paradigms: only these paradigms (UIDs); None = all.
+        max_pairs: at most this many pairs per paradigm (the first ones); None = all.
+        batch_size: sentences per forward pass (decoders); an encoder runs 8x this many masked rows per pass.
     """
 
     data: str | None = None

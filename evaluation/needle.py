@@ -30,16 +30,18 @@ from evaluation.scoring import answers, exact_match
 
 @dataclass
 class Options:
-    """Args:
-    haystack: text file or folder for the haystack (e.g. ../shared/data/pg_essays); None = built-in corpus text.
-    lengths: prompt lengths in tokens; None = 4 lengths evenly spaced up to the model's context.
-    depths: how many needle depths, evenly spaced from 0% to 100% of the haystack.
-    samples: prompts per (length, depth) cell, each with its own needle and haystack window.
-    needle: the needle sentence; {attribute}, {name} and {value} are filled in.
-    question: what follows the haystack; the model must continue it with the value.
-    seed: seed of the needles, the haystack windows and the built-in haystack.
-    batch_size: prompts per generate call.
-    use_cache: decode with the KV cache (False recomputes the whole prompt for every new token).
+    """How haystacks, needles and answers are made.
+
+    Args:
+        haystack: text file or folder for the haystack (e.g. ../shared/data/pg_essays); None = built-in corpus text.
+        lengths: prompt lengths in tokens; None = 4 lengths evenly spaced up to the model's context.
+        depths: how many needle depths, evenly spaced from 0% to 100% of the haystack.
+        samples: prompts per (length, depth) cell, each with its own needle and haystack window.
+        needle: the needle sentence; {attribute}, {name} and {value} are filled in.
+        question: what follows the haystack; the model must continue it with the value.
+        seed: seed of the needles, the haystack windows and the built-in haystack.
+        batch_size: prompts per generate call.
+        use_cache: decode with the KV cache (False recomputes the whole prompt for every new token).
     """
 
     haystack: str | None = None

@@ -22,13 +22,15 @@ from evaluation.scoring import masked_token_logprobs, token_losses
 
 @dataclass
 class Options:
-    """Args:
-    text: held-out text file or folder (.txt, .txt.gz), e.g. ../shared/data/wikitext-2/valid.txt; None = the built-in corpus' validation split.
-    documents: built-in validation documents to generate when `text` is None.
-    seed: seed of the built-in corpus (0, as in training).
-    block_size: tokens per block; None = the run's data.block_size, else min(128, the model's context).
-    max_blocks: score at most this many blocks.
-    batch_size: blocks per forward pass (decoders); an encoder runs 8x this many masked rows per pass.
+    """Which held-out text is scored, and in what blocks.
+
+    Args:
+        text: held-out text file or folder (.txt, .txt.gz), e.g. ../shared/data/wikitext-2/valid.txt; None = the built-in corpus' validation split.
+        documents: built-in validation documents to generate when `text` is None.
+        seed: seed of the built-in corpus (0, as in training).
+        block_size: tokens per block; None = the run's data.block_size, else min(128, the model's context).
+        max_blocks: score at most this many blocks.
+        batch_size: blocks per forward pass (decoders); an encoder runs 8x this many masked rows per pass.
     """
 
     text: str | None = None

@@ -39,15 +39,17 @@ TASKS = ("kv", "qa")
 
 @dataclass
 class Options:
-    """Args:
-    tasks: built-in synthetic tasks to run: kv (JSON key–value records) and/or qa (documents).
-    data: a lost-in-the-middle .jsonl / .jsonl.gz file; replaces the built-in tasks.
-    items: records / documents per prompt (the gold one included); None = as many as fit the model's context (at most 10; a file's own count).
-    positions: gold positions to test, spread evenly from the first item to the last; None = every position.
-    examples: prompts per gold position.
-    prompt_template: wraps the prompt; None = the run's data.prompt_template, else "{prompt}\\nAnswer:".
-    seed: seed of the synthetic examples.
-    batch_size: prompts per generate call.
+    """Which retrieval tasks run, and how large their prompts are.
+
+    Args:
+        tasks: built-in synthetic tasks to run: kv (JSON key–value records) and/or qa (documents).
+        data: a lost-in-the-middle .jsonl / .jsonl.gz file; replaces the built-in tasks.
+        items: records / documents per prompt (the gold one included); None = as many as fit the model's context (at most 10; a file's own count).
+        positions: gold positions to test, spread evenly from the first item to the last; None = every position.
+        examples: prompts per gold position.
+        prompt_template: wraps the prompt; None = the run's data.prompt_template, else "{prompt}\\nAnswer:".
+        seed: seed of the synthetic examples.
+        batch_size: prompts per generate call.
     """
 
     tasks: list[str] | None = None

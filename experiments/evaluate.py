@@ -1,0 +1,79 @@
+"""Evaluate a finished model on downstream suites.
+
+    python -m experiments.evaluate --run runs/quickstart/version_0 --suites needle,retrieval,ppl
+    python -m experiments.evaluate --run RUN --suites blimp --blimp.data ../shared/data/blimp --blimp.max_pairs 100
+
+`--run` is a masklab run dir (its `hf_model/` is evaluated) or any local transformers model folder.
+Every suite's options are keys `--<suite>.<option>` (see `--help`), or a YAML file given with
+`--config`. Results are merged into the run's `metrics.json` as `eval/<suite>/<metric>` (other
+keys are kept), logged to TensorBoard in the run dir under the same tags, and written with their
+plots and a markdown report to `<run>/eval/`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch.utils.tensorboard import SummaryWriter
+
+from datamodules.errors import ConfigError, MasklabError
+from evaluation.model import load_model, model_dir
+from evaluation.suites import (
+    SUITES,
+    flat_metrics,
+    parse_suites,
+    run_suites,
+    save_results,
+    suite_module,
+)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these keys")
+    parser.add_argument("--run", type=str, required=True, help="a masklab run dir or a local transformers model folder")
+    parser.add_argument("--suites", type=str, required=True, help=f"comma-separated suites to run: {', '.join(SUITES)}")
+    parser.add_argument("--device", type=str, default="auto", help="torch device; auto = cuda when available, else cpu")
+    parser.add_argument("--out", type=str | None, default=None, help="folder for plots and the report; default <run dir>/eval")
+    parser.add_argument("--step", type=int, default=0, help="TensorBoard step of the logged results")
+    for name in SUITES:
+        parser.add_class_arguments(suite_module(name).Options, name, help=f"options of the {name} suite")
+    return parser
+
+
+def run_dir_of(folder: Path) -> Path:
+    """The run that exported `folder` (its parent holds config.yaml), else the folder itself."""
+    return folder.parent if (folder.parent / "config.yaml").is_file() else folder
+
+
+def main(args: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser()
+    config = parser.parse_args(args)
+    try:
+        names = parse_suites(config.suites)
+        folder = model_dir(config.run)
+        objects = parser.instantiate_classes(config)
+        loaded = load_model(str(folder))
+        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
+        try:
+            loaded.model.to(device)
+        except (RuntimeError, AssertionError) as err:
+            raise ConfigError(f"--device {config.device!r} cannot be used: {err}") from None
+        results = run_suites(loaded, {name: objects[name] for name in names})
+    except MasklabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = run_dir_of(folder)
+    out_dir = Path(config.out) if config.out else run_dir / "eval"
+    with SummaryWriter(str(run_dir)) as writer:
+        report = save_results(results, out_dir, run_dir / "metrics.json", writer, config.step)
+    print(report.read_text())
+    print(f"metrics: {run_dir / 'metrics.json'}\nreport: {report}")
+    return flat_metrics(results)
+
+
+if __name__ == "__main__":
+    main()
