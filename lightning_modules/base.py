@@ -124,18 +124,31 @@ class LanguageModelModule(L.LightningModule):
         return (logits, *per_position)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
+        """Logits at every position [B, L, V], for callers outside training (evaluation, probes)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The transformer body's last hidden states [B, L, H], before the output head."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """The model's output head on hidden states [..., H] -> logits [..., V]."""
+        raise NotImplementedError
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
         """Mean cross-entropy over labelled positions (0, not NaN, when there are none), and the
-        per-position statistics behind it."""
-        logits = self(batch["input_ids"], batch["attention_mask"])  # [B, L, V]
-        logits, labels, inputs = self.align(logits, batch["labels"], batch["input_ids"])
-        token_loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(labels)  # [B, L']
-        labelled = labels != IGNORE_INDEX
-        loss = token_loss.sum() / labelled.sum().clamp_min(1)
+        per-position statistics behind it.
+
+        The output head runs on the labelled positions only: an MLM batch never materialises
+        vocabulary logits for the ~85% of positions without a label.
+        """
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+        hidden, labels, inputs = self.align(hidden, batch["labels"], batch["input_ids"])
+        labelled = labels != IGNORE_INDEX  # [B, L']
+        logits = self.output_logits(hidden[labelled])  # [N, V]
+        targets = labels[labelled]  # [N]
+        selected_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        loss = selected_loss.sum() / labelled.sum().clamp_min(1)
         if self.training:
             for name, term in self.auxiliary_losses(batch, logits, labels).items():
                 loss = loss + term
@@ -145,15 +158,16 @@ class LanguageModelModule(L.LightningModule):
             stats = TokenStats(
                 labels=labels,
                 inputs=inputs,
-                loss=token_loss.detach(),
-                correct=(logits.argmax(-1) == labels) & labelled,
-                entropy=self.labelled_entropy(logits, labelled) if self.collect_entropy else None,
+                loss=_scatter(selected_loss.detach(), labelled),
+                correct=_scatter(logits.argmax(-1) == targets, labelled),
+                entropy=_scatter(predictive_entropy(logits), labelled) if self.collect_entropy else None,
             )
         return loss, stats
 
     def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Terms added to the training loss (e.g. distillation); none by default. Logged as
-        `train/<name>`; validation always reports the plain objective."""
+        """Terms added to the training loss (e.g. distillation); none by default. `logits` [N, V]
+        are those of the labelled positions, in the order of `labels[labels != -100]` ([B, L']).
+        Logged as `train/<name>`; validation always reports the plain objective."""
         return {}
 
     @staticmethod
@@ -233,6 +247,13 @@ class LanguageModelModule(L.LightningModule):
             torch.set_rng_state(state["cpu"])
             if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _scatter(values: Tensor, where: Tensor) -> Tensor:
+    """Per-position tensor [B, L'] holding `values` [N] at the True positions of `where`, 0 elsewhere."""
+    out = torch.zeros(where.shape, dtype=values.dtype, device=values.device)
+    out[where] = values
+    return out
 
 
 def _is_embedding(module: L.LightningModule, param: torch.nn.Parameter) -> bool:

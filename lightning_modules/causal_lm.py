@@ -83,8 +83,11 @@ class CausalLMModule(LanguageModelModule):
         ids = {k: vocab[k] for k in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
         return AutoConfig.for_model("llama", **ids, **model_args)
 
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(hidden)
+
     def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
-        # position t predicts token t+1: drop the last logit and the first label / input
+        # position t predicts token t+1: drop the last logit (or hidden state) and the first label / input
         return (logits[:, :-1], *(t[:, 1:] for t in per_position))
 
 

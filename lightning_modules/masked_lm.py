@@ -89,6 +89,13 @@ class MaskedLMModule(LanguageModelModule):
         # a plain list keeps the frozen teacher out of the state dict, the optimiser and DDP
         self._teacher = [load_teacher(distill_from, vocab["tokens"], "model.distill_from")] if distill_from else []
 
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """The MLM head (dense + activation + LayerNorm + decoder), as the transformers model applies it."""
+        model = self.model
+        if hasattr(model, "lm_predictions"):  # DeBERTa-v2 with `legacy: false`
+            return model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
+        return (model.cls if hasattr(model, "cls") else model.lm_head)(hidden)  # BERT, DeBERTa-v2 / RoBERTa
+
     def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Knowledge distillation: α·T²·KL(teacher ‖ student) averaged over the masked positions."""
         if not self._teacher:
@@ -99,7 +106,7 @@ class MaskedLMModule(LanguageModelModule):
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[masked]
         t = self.distill_temperature
         kl = F.kl_div(
-            F.log_softmax(logits[masked].float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+            F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
             log_target=True, reduction="sum",
         ) / masked.sum().clamp_min(1)
         return {"kd": self.distill_alpha * t * t * kl}

@@ -157,3 +157,81 @@ def test_paper_sized_model_configs_build_the_advertised_size(name, millions):
         module = CausalLMModule(vocab=vocab, block_size=4096, **init_args)
     params = sum(p.numel() for p in module.parameters()) / 1e6
     assert millions[0] <= params <= millions[1]
+
+
+TOKENS = ["", "", "", "", ""] + [f"t{i}" for i in range(35)]
+
+
+def full_logits_reference(module, batch: dict, teacher=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, per-position loss and entropy computed the plain way: logits at every position, then
+    cross-entropy with ignore_index (and the KD term on the masked rows of the full logits)."""
+    import torch.nn.functional as F
+
+    from lightning_modules.base import predictive_entropy
+
+    logits, labels = module.align(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    labelled = labels != IGNORE_INDEX
+    loss = token_loss.sum() / labelled.sum()
+    if teacher is not None:
+        t = module.distill_temperature
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kl = F.kl_div(F.log_softmax(logits[labelled] / t, -1), F.log_softmax(teacher_logits[labelled] / t, -1),
+                      log_target=True, reduction="sum") / labelled.sum()
+        loss = loss + module.distill_alpha * t * t * kl
+    entropy = predictive_entropy(logits) * labelled
+    return loss, token_loss, entropy
+
+
+def _teacher_dir(tmp_path) -> str:
+    torch.manual_seed(1)
+    MaskedLMModule(**TINY).model.save_pretrained(tmp_path / "teacher")
+    return str(tmp_path / "teacher")
+
+
+@pytest.mark.parametrize(
+    ("module_class", "extra"),
+    [
+        (CausalLMModule, {}),
+        (MaskedLMModule, {"arch": "bert"}),
+        (MaskedLMModule, {"arch": "roberta"}),
+        (MaskedLMModule, {"arch": "deberta-v2"}),
+        (MaskedLMModule, {"arch": "deberta-v2", "config_overrides": {"legacy": False}}),
+        (MaskedLMModule, {"nhot": True}),
+        (MaskedLMModule, {"distill_from": "teacher"}),
+    ],
+    ids=["llama", "bert", "roberta", "deberta-v2", "deberta-v2-new-head", "nhot", "kd"],
+)
+def test_logits_at_labelled_positions_only_give_the_full_computation(module_class, extra, tmp_path):
+    if extra.get("distill_from"):
+        extra = {**extra, "distill_from": _teacher_dir(tmp_path)}
+    torch.manual_seed(0)
+    module = module_class(**{**TINY, "vocab": {**VOCAB, "tokens": TOKENS}}, **extra).train()  # train: KD counts
+    module.collect_entropy = True
+    input_ids, attention_mask = toy_batch()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    if module_class is CausalLMModule:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    else:
+        labels[0, 2], labels[1, 3], labels[1, 5], labels[1, 6] = 8, 30, 12, 13
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    head_rows = []
+    hook = module.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: head_rows.append(args[0].shape[0]))
+    loss, stats = module.step(batch)
+    hook.remove()
+    assert head_rows == [(stats.labels != IGNORE_INDEX).sum().item()]  # the head saw the labelled rows only
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    teacher = module._teacher[0] if extra.get("distill_from") else None
+    expected, token_loss, entropy = full_logits_reference(module, batch, teacher)
+    expected.backward()
+
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats.loss, token_loss)
+    torch.testing.assert_close(stats.entropy, entropy)
+    assert grads.keys() == {n for n, p in module.named_parameters() if p.grad is not None}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, msg=name)
