@@ -3,6 +3,7 @@
 from callbacks.adaptive_masking import AdaptiveMaskingCallback
 from callbacks.entropy_analysis import EntropyAnalysisCallback
 from callbacks.entropy_masking import EntropyMaskingCallback
+from callbacks.evaluation import EvaluationCallback
 from callbacks.export import ExportCallback, update_metrics_json
 from callbacks.monitors import MaskRatioLogger, TokenThroughputMonitor
 from callbacks.ratio_schedule import MaskRatioSchedule
@@ -11,6 +12,7 @@ __all__ = [
     "AdaptiveMaskingCallback",
     "EntropyAnalysisCallback",
     "EntropyMaskingCallback",
+    "EvaluationCallback",
     "ExportCallback",
     "MaskRatioLogger",
     "MaskRatioSchedule",
