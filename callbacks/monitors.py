@@ -28,12 +28,29 @@ def _batch_tokens(batch: dict) -> int:
 
 class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's `ThroughputMonitor`, counting tokens and logging under `perf/`
-    (`perf/tokens_per_sec`, `perf/samples_per_sec`, `perf/device/tokens_per_sec`, ...)."""
+    (`perf/tokens_per_sec`, `perf/samples_per_sec`, `perf/device/tokens_per_sec`, ...) and, when
+    the device's peak FLOP/s is known, `perf/mfu`: the module's `flops_per_batch` per second over
+    the peak (lightning_modules/flops.py).
+
+    Args:
+        window_size: batches the rates are averaged over.
+        peak_flops: the device's peak FLOP/s at the training precision (e.g. 989e12 for an H100 SXM
+            in bf16). None = Lightning's table of known GPUs; a CPU or an unlisted GPU then logs
+            no `perf/mfu`.
+    """
 
     RENAMES = {"items": "tokens", "lengths": "tokens"}
 
-    def __init__(self, window_size: int = 10, **kwargs: Any) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs)
+    def __init__(self, window_size: int = 10, peak_flops: float | None = None) -> None:
+        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
         if not trainer._logger_connector.should_update_logs or trainer.state.stage != "train":
@@ -43,6 +60,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
             for old, new in self.RENAMES.items():
                 name = name.replace(old, new)
             metrics[f"perf/{name}"] = value
-            if trainer.world_size == 1 and name.startswith("device/") and name.endswith("_per_sec"):
-                metrics[f"perf/{name.removeprefix('device/')}"] = value  # Lightning adds totals only for >1 device
+            single = trainer.world_size == 1 and name.startswith("device/") and name.endswith("_per_sec")
+            if single or name == "device/mfu":  # Lightning adds totals only for >1 device; MFU is per device
+                metrics[f"perf/{name.removeprefix('device/')}"] = value
         trainer._logger_connector.log_metrics(metrics, step=iter_num)

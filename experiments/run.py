@@ -85,6 +85,7 @@ class MasklabCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume from this checkpoint, or 'last': the newest last.ckpt of this experiment.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.set_defaults({
             "checkpoint.monitor": "val/loss",
             "checkpoint.save_last": True,
@@ -164,7 +165,6 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             trainer_defaults={
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
-                    TokenThroughputMonitor(),
                     MaskRatioLogger(),
                     ExportCallback(),
                 ]

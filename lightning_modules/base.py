@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from datamodules.errors import ConfigError, raise_if_any
+from lightning_modules.flops import flop_counts
 
 IGNORE_INDEX = -100
 
@@ -28,6 +29,7 @@ class OptimizerConfig:
         weight_decay: decoupled weight decay of matrices (biases, norms and embeddings get none).
         betas: AdamW betas.
         eps: AdamW epsilon.
+        fused: torch's fused AdamW kernel; None = fused when the parameters are on a GPU.
     """
 
     lr: float = 1e-3
@@ -36,6 +38,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    fused: bool | None = None
 
 
 @dataclass
@@ -65,7 +68,6 @@ class LanguageModelModule(L.LightningModule):
 
     objective: ClassVar[str]
     auto_model_class: ClassVar[type]
-    flops_per_batch: int | None = None  # read by ThroughputMonitor; FLOPs are not estimated yet
     collect_entropy: bool = False  # set by callbacks that need `TokenStats.entropy` (costs a softmax)
 
     def __init__(
@@ -75,6 +77,9 @@ class LanguageModelModule(L.LightningModule):
         optimizer: OptimizerConfig,
         config_overrides: dict | None,
         model_args: dict,
+        attn_implementation: str | None = None,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -85,13 +90,36 @@ class LanguageModelModule(L.LightningModule):
         model_args = {**model_args, **(config_overrides or {})}
         raise_if_any(self.shape_errors(model_args, vocab, block_size))
         config = self.build_config(vocab=vocab, **model_args)
-        self.model: PreTrainedModel = self.auto_model_class.from_config(config)
+        self.model: PreTrainedModel = self.build_model(config, attn_implementation)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compile_body, self._compiled = compile, False
+        self.flop_counts = flop_counts(self.model, head_transform=self.objective == "mlm")  # before any sharding
+        self._last_train_batch: tuple[int, int, Tensor] | None = None  # B, L, labelled positions
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
 
     @classmethod
     def build_config(cls, vocab: dict, **model_args) -> PretrainedConfig:
         raise NotImplementedError
+
+    def build_model(self, config: PretrainedConfig, attn_implementation: str | None) -> PreTrainedModel:
+        """The transformers model, refused with the key's name when it has no such attention."""
+        try:
+            return self.auto_model_class.from_config(config, attn_implementation=attn_implementation)
+        except (ValueError, ImportError) as err:
+            if attn_implementation is None:
+                raise
+            reason = str(err).split(". ")[0]
+            raise ConfigError(f"model.attn_implementation={attn_implementation!r}: {reason}") from err
+
+    def configure_model(self) -> None:
+        """`compile: true` compiles the transformer body in place (parameter names, checkpoints and
+        the export stay those of the plain model); the head and loss run on a data-dependent
+        number of positions and stay eager."""
+        if self.compile_body and not self._compiled:
+            self.model.base_model.compile()
+            self._compiled = True
 
     @staticmethod
     def usable_positions(model_args: dict, vocab: dict) -> int:
@@ -198,7 +226,19 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
         """Returns the loss and `token_stats`, which callbacks receive as `outputs`."""
-        return self.shared_step(batch, "train")
+        outputs = self.shared_step(batch, "train")
+        labels = outputs["token_stats"].labels
+        self._last_train_batch = (*batch["input_ids"].shape, (labels != IGNORE_INDEX).sum())
+        return outputs
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Model FLOPs of the last training batch (lightning_modules/flops.py): Lightning's
+        ThroughputMonitor reads it after each batch and turns it into `perf/mfu`."""
+        if self._last_train_batch is None:
+            return None
+        batch_size, seq_len, selected = self._last_train_batch
+        return self.flop_counts.training_flops(batch_size, seq_len, int(selected))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.shared_step(batch, "val")
@@ -219,11 +259,13 @@ class LanguageModelModule(L.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and not _is_embedding(self, p)]
         decay_ids = {id(p) for p in decay}
         no_decay = [p for p in self.parameters() if p.requires_grad and id(p) not in decay_ids]
+        fused = cfg.fused if cfg.fused is not None else all(p.is_cuda for p in decay + no_decay)
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
+            fused=fused,
         )
 
     def configure_optimizers(self):

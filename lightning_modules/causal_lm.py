@@ -39,6 +39,12 @@ class CausalLMModule(LanguageModelModule):
         tie_word_embeddings: share input and output embeddings.
         optimizer: AdamW and learning-rate schedule.
         config_overrides: any other `LlamaConfig` field, passed through unchanged.
+        attn_implementation: transformers attention kernel: "sdpa" (PyTorch's fused attention),
+            "flash_attention_2" (needs the flash-attn package and a GPU), "flex_attention", "eager"
+            (plain matmuls; only what needs attention weights); None = the transformers default.
+        compile: torch.compile the transformer body (needs a C++ compiler on CPU, Triton on GPU).
+        gradient_checkpointing: recompute each layer's activations in the backward pass
+            (less memory, ~1/3 more compute).
         init_from: start from these weights (fine-tuning): a masklab run dir (its `hf_model/`) or
             a local transformers causal-LM folder. The model is built from this config first, so
             its shape keys must match the saved model's; its vocabulary must be the data's.
@@ -61,6 +67,9 @@ class CausalLMModule(LanguageModelModule):
         tie_word_embeddings: bool = False,
         optimizer: OptimizerConfig = OptimizerConfig(),
         config_overrides: dict | None = None,
+        attn_implementation: str | None = None,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
         init_from: str | None = None,
     ) -> None:
         model_args = dict(
@@ -73,7 +82,9 @@ class CausalLMModule(LanguageModelModule):
             rope_theta=rope_theta,
             tie_word_embeddings=tie_word_embeddings,
         )
-        super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
+        super().__init__(
+            vocab, block_size, optimizer, config_overrides, model_args, attn_implementation, compile, gradient_checkpointing
+        )
         if init_from is not None:
             self.model.load_state_dict(load_pretrained(init_from, self.model, vocab.get("tokens")).state_dict())
         self.save_hyperparameters(ignore=["vocab"])

@@ -36,6 +36,12 @@ class MaskedLMModule(LanguageModelModule):
         distill_temperature: softmax temperature T of the distillation term.
         optimizer: AdamW and learning-rate schedule.
         config_overrides: any other field of the transformers config, passed through unchanged.
+        attn_implementation: transformers attention kernel: "sdpa" (PyTorch's fused attention),
+            "flash_attention_2" (needs the flash-attn package and a GPU), "flex_attention", "eager"
+            (plain matmuls; only what needs attention weights); None = the transformers default.
+        compile: torch.compile the transformer body (needs a C++ compiler on CPU, Triton on GPU).
+        gradient_checkpointing: recompute each layer's activations in the backward pass
+            (less memory, ~1/3 more compute).
     """
 
     objective = "mlm"
@@ -58,6 +64,9 @@ class MaskedLMModule(LanguageModelModule):
         distill_temperature: float = 2.0,
         optimizer: OptimizerConfig = OptimizerConfig(),
         config_overrides: dict | None = None,
+        attn_implementation: str | None = None,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         model_args = dict(
             arch=arch,
@@ -77,7 +86,9 @@ class MaskedLMModule(LanguageModelModule):
         raise_if_any(errors)
         if nhot:  # the output layer keeps the plain table; only the input gets the n-hot term
             model_args["tie_word_embeddings"] = False
-        super().__init__(vocab, block_size, optimizer, config_overrides, model_args)
+        super().__init__(
+            vocab, block_size, optimizer, config_overrides, model_args, attn_implementation, compile, gradient_checkpointing
+        )
         self.save_hyperparameters(ignore=["vocab"])
         self.nhot = nhot
         if nhot:

@@ -235,3 +235,36 @@ def test_logits_at_labelled_positions_only_give_the_full_computation(module_clas
     for name, p in module.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+def test_flop_formula_against_a_hand_count():
+    llama = CausalLMModule(**{**TINY, "num_kv_heads": 1, "intermediate_size": 32})
+    # per layer: q, o 16x16; k, v 16x8 (one KV head of 8); gate, up, down 16x32; two RMSNorms of 16
+    per_layer = 2 * 16 * 16 + 2 * 16 * 8 + 3 * 16 * 32 + 2 * 16
+    body = 2 * per_layer + 16  # + the final norm; embeddings excluded
+    assert llama.flop_counts.body_params == body == 4688
+    expected = 6 * body * 2 * 8 + 12 * 2 * 16 * 2 * 8**2 + 6 * (40 * 16) * 11  # B=2, T=8, head on 11 positions
+    assert llama.flop_counts.training_flops(2, 8, 11) == expected
+
+    bert = MaskedLMModule(**TINY)  # intermediate 64
+    # per layer: q, k, v, o 16x16 + biases; LayerNorm; 16x64 + 64; 64x16 + 16; LayerNorm
+    per_layer = 4 * (16 * 16 + 16) + 2 * 16 + (16 * 64 + 64) + (64 * 16 + 16) + 2 * 16
+    assert bert.flop_counts.body_params == 2 * per_layer + 2 * 16  # + the embedding LayerNorm
+    assert bert.flop_counts.head_params == 40 * 16 + 16 * 16  # decoder + the MLM head's dense transform
+
+
+@pytest.mark.parametrize(("module_class", "extra"), [(CausalLMModule, {"num_kv_heads": 2}), (MaskedLMModule, {})])
+def test_flop_formula_matches_torchs_flop_counter_on_a_real_step(module_class, extra):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    module = module_class(**{**TINY, "block_size": 64, "hidden_size": 128, "num_heads": 4, "vocab": {**VOCAB, "vocab_size": 500}},
+                          attn_implementation="eager", **extra)  # torch counts no FLOPs in CPU SDPA kernels
+    ids = torch.randint(5, 500, (2, 64))
+    labels = ids.clone() if module_class is CausalLMModule else torch.where(torch.rand(2, 64) < 0.15, ids, IGNORE_INDEX)
+    with FlopCounterMode(display=False) as counter:
+        loss, stats = module.step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        loss.backward()
+    selected = int((stats.labels != IGNORE_INDEX).sum())
+    formula = module.flop_counts.training_flops(2, 64, selected)
+    assert formula == pytest.approx(counter.get_total_flops(), rel=0.01)  # norms and biases: <1%
