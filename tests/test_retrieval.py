@@ -1,0 +1,94 @@
+"""Retrieval by gold position: the gold item goes where asked; oracles score 1; the LITM reader."""
+
+import gzip
+import json
+import re
+
+import pytest
+
+from datamodules.errors import ConfigError, DataError
+from evaluation import retrieval
+from evaluation.model import load_model
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_dir):
+    return load_model(str(tiny_causal_dir))
+
+
+def oracle(loaded):
+    """Finds the asked key's value in the prompt, as a perfect reader would."""
+    def answer(prompts, _new_tokens):
+        out = []
+        for ids in prompts:
+            text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+            if "JSON data" in text:
+                key = re.search(r'value of "(\w+)"\?', text)[1]
+                out.append(re.search(rf'"{key}": "(\d+)"', text)[1])
+            else:
+                attribute, name = re.search(r"what is the (\w+) of (\w+)\?", text).groups()
+                out.append(re.search(rf"The {attribute} of {name} is (\d+)\.", text)[1])
+        return out
+    return answer
+
+
+def test_the_gold_item_moves_to_each_position():
+    example = retrieval.Example(["gold", "a", "b", "c"], 0, "q", ["x"], "qa")
+    assert [example.with_gold_at(p) for p in (0, 2, 3)] == [["gold", "a", "b", "c"], ["a", "b", "gold", "c"], ["a", "b", "c", "gold"]]
+    assert example.truncated(2).items == ["gold", "a"]
+    assert retrieval.gold_positions(10, 4) == [0, 3, 6, 9] and retrieval.gold_positions(3, None) == [0, 1, 2]
+
+
+def test_an_oracle_scores_1_at_every_position_and_a_constant_model_0(causal):
+    options = retrieval.Options(examples=3, positions=3)
+    perfect = retrieval.run(causal, options, answerer=oracle(causal))
+    assert perfect.metrics["acc"] == 1.0 and all(v == 1.0 for k, v in perfect.metrics.items() if "position" in k)
+    assert {"kv/acc_position_1", "qa/acc_position_1"} <= set(perfect.metrics)
+    constant = retrieval.run(causal, options, answerer=lambda prompts, n: ["1000"] * len(prompts))
+    assert constant.metrics["acc"] == 0.0
+    assert set(perfect.figures) == {"by_position"}
+
+
+def test_items_default_to_what_fits_the_context(causal):
+    result = retrieval.run(causal, retrieval.Options(examples=2, positions=2), answerer=oracle(causal))
+    for task in ("kv", "qa"):
+        assert 2 <= result.details[task]["items"] <= 10
+    with pytest.raises(ConfigError, match="lower retrieval.items"):
+        retrieval.run(causal, retrieval.Options(tasks=["qa"], items=10, examples=2))
+
+
+def test_a_real_model_answers_greedily(causal, tiny_mlm_dir):
+    result = retrieval.run(causal, retrieval.Options(tasks=["kv"], items=3, examples=2, positions=2))
+    assert 0.0 <= result.metrics["acc"] <= 1.0
+    encoder = retrieval.run(load_model(str(tiny_mlm_dir)), retrieval.Options(tasks=["kv"], items=3, examples=2, positions=2))
+    assert 0.0 <= encoder.metrics["kv/acc"] <= 1.0
+
+
+def test_lost_in_the_middle_files_are_read_with_the_gold_moved(tmp_path, causal):
+    qa = {"question": "who wrote it?", "answers": ["Ann Lee"], "ctxs": [
+        {"title": "A", "text": "Bob wrote a song.", "hasanswer": False, "isgold": False},
+        {"title": "B", "text": "Ann Lee wrote it.", "hasanswer": True, "isgold": True},
+        {"title": "C", "text": "Cy read it.", "hasanswer": False, "isgold": False}]}
+    path = tmp_path / "qa.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(qa) + "\n")
+    example = retrieval.read_lost_in_the_middle(str(path))[0]
+    assert example.items[example.gold].endswith("Ann Lee wrote it.") and example.kind == "qa"
+    assert example.with_gold_at(2)[2].endswith("Ann Lee wrote it.")
+    kv = {"ordered_kv_records": [["k1", "v1"], ["k2", "v2"]], "key": "k2", "value": "v2"}
+    (tmp_path / "kv.jsonl").write_text(json.dumps(kv) + "\n")
+    example = retrieval.read_lost_in_the_middle(str(tmp_path / "kv.jsonl"))[0]
+    assert example.items[example.gold] == '"k2": "v2"' and example.answers == ["v2"]
+    result = retrieval.run(causal, retrieval.Options(data=str(path), positions=None), answerer=lambda p, n: ["Ann Lee"] * len(p))
+    assert result.metrics["litm_qa/acc"] == 1.0 and result.details["litm_qa"]["positions"] == [1, 2, 3]
+
+
+def test_bad_files_are_named(tmp_path, causal):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*missing answers, ctxs"):
+        retrieval.read_lost_in_the_middle(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "kv.jsonl").write_text(json.dumps({"ordered_kv_records": [["a", "b"]], "key": "z", "value": "b"}) + "\n")
+    with pytest.raises(DataError, match="key 'z' is not among"):
+        retrieval.read_lost_in_the_middle(str(tmp_path / "kv.jsonl"))
+    with pytest.raises(ConfigError, match="unknown nope"):
+        retrieval.run(causal, retrieval.Options(tasks=["nope"]))
