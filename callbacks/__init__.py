@@ -1,6 +1,7 @@
 """Everything that acts between steps: schedules, analyses, logging, export."""
 
 from callbacks.adaptive_masking import AdaptiveMaskingCallback
+from callbacks.attention_probe import AttentionProbeCallback
 from callbacks.entropy_analysis import EntropyAnalysisCallback
 from callbacks.entropy_masking import EntropyMaskingCallback
 from callbacks.evaluation import EvaluationCallback
@@ -10,6 +11,7 @@ from callbacks.ratio_schedule import MaskRatioSchedule
 
 __all__ = [
     "AdaptiveMaskingCallback",
+    "AttentionProbeCallback",
     "EntropyAnalysisCallback",
     "EntropyMaskingCallback",
     "EvaluationCallback",

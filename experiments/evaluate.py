@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
+from transformers.utils import logging as transformers_logging
 
 from datamodules.errors import ConfigError, MasklabError
 from evaluation.model import load_model, model_dir
@@ -52,6 +53,7 @@ def run_dir_of(folder: Path) -> Path:
 def main(args: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     config = parser.parse_args(args)
+    transformers_logging.disable_progress_bar()  # weight-loading bars would bury the report
     try:
         names = parse_suites(config.suites)
         folder = model_dir(config.run)
