@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import lightning as L
 import torch
 
-
-def update_metrics_json(path: Path, metrics: dict[str, float]) -> dict[str, float]:
-    """Merge `metrics` into the flat `{"name": value}` file at `path` (created if missing)."""
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update({name: float(value) for name, value in metrics.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    return merged
+from evaluation.result import update_metrics_json
 
 
 def scalar_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -1,8 +1,10 @@
-"""What a suite returns, and how results become metrics.json keys, TensorBoard tags and files."""
+"""What a suite returns, and the run's metrics.json that results are merged into."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -17,3 +19,12 @@ class SuiteResult:
     figures: dict[str, Figure] = field(default_factory=dict)  # name -> figure: <suite>_<name>.png, TB image eval/<suite>/<name>
     table: str = ""  # markdown for the report (a table or a few lines), without a heading
     details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras, written to eval/<suite>.json
+
+
+def update_metrics_json(path: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """Merge `metrics` into the flat `{"name": value}` file at `path` (created if missing)."""
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update({name: float(value) for name, value in metrics.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return merged

@@ -21,10 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from callbacks.export import update_metrics_json
 from datamodules.errors import ConfigError
 from evaluation.model import LoadedModel
-from evaluation.result import SuiteResult
+from evaluation.result import SuiteResult, update_metrics_json
 
 # suite name -> module of the evaluation package (imported when first used: GLUE pulls in a Trainer)
 SUITES = {"needle": "needle", "retrieval": "retrieval", "blimp": "blimp", "ppl": "perplexity", "glue": "glue", "attention": "attention"}

@@ -57,9 +57,10 @@ def tiny_args(tmp_path) -> list[str]:
     return [*TINY, "--runs_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]
 
 
-def save_tiny_hf_model(folder, objective: str, max_positions: int = 256):
-    """A random 2-layer transformers model (Llama for "causal", BERT for "mlm") and a small BPE
-    tokenizer trained on the built-in corpus, saved as an `hf_model/` folder."""
+def save_tiny_hf_model(folder, objective: str, max_positions: int = 256, hidden_size: int = 32, num_layers: int = 2, heads: int = 4):
+    """A random transformers model (Llama for "causal", BERT for "mlm"; 2 layers of 32 by default)
+    and a small BPE tokenizer trained on the built-in corpus, saved as an `hf_model/` folder.
+    Also used by benchmarks/evaluation.py, with a larger shape."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from datamodules.corpus import BuiltinCorpus
@@ -73,7 +74,8 @@ def save_tiny_hf_model(folder, objective: str, max_positions: int = 256):
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": max_positions}
+    shape = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": heads,
+             "intermediate_size": 2 * hidden_size, "max_position_embeddings": max_positions}
     if objective == "causal":
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **ids, **shape))
     else:

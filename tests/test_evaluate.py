@@ -1,6 +1,8 @@
 """`experiments.evaluate` and `EvaluationCallback` on a tiny trained run: files, tags, metrics.json."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,10 @@ def test_callback_options_are_checked_before_training():
         EvaluationCallback({"needle": {"depth": 3}})
     with pytest.raises(ConfigError, match="unknown suite 'bleu'"):
         EvaluationCallback({"bleu": {}})
+
+
+def test_the_command_starts_in_a_fresh_interpreter(tiny_causal_dir):
+    """Import order matters only when `experiments.evaluate` is the first module loaded."""
+    done = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--run", str(tiny_causal_dir), "--suites", "bleu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: unknown suite(s) 'bleu'")
