@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from datamodules.errors import ConfigError
 from datamodules.masking import IGNORE_INDEX
 from evaluation.attention import compare_runs, probe_mask
 
@@ -37,11 +38,11 @@ class AttentionProbeCallback(L.Callback):
 
     def __init__(self, every_n_steps: int = 250, blocks: int = 4, mask_ratio: float = 0.15, seed: int = 0) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"AttentionProbeCallback.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"AttentionProbeCallback.every_n_steps must be >= 1, got {every_n_steps}")
         if blocks < 1:
-            raise ValueError(f"AttentionProbeCallback.blocks must be >= 1, got {blocks}")
+            raise ConfigError(f"AttentionProbeCallback.blocks must be >= 1, got {blocks}")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"AttentionProbeCallback.mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"AttentionProbeCallback.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.every_n_steps = every_n_steps
         self.blocks = blocks
         self.mask_ratio = mask_ratio

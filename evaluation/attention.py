@@ -79,8 +79,6 @@ class Change:
 # ---- statistics on attention probabilities ----------------------------------------------------
 
 
-
-
 def available_keys(valid: Tensor, causal: bool) -> Tensor:
     """[B, L, L] bool: key k is available to query q (both real tokens; k <= q when causal)."""
     pairs = valid[:, :, None] & valid[:, None, :]  # [B, Lq, Lk]

@@ -47,11 +47,23 @@ def test_the_callback_logs_every_suite_during_and_after_training(trained_run):
     assert {"report.md", "needle_heatmap.png", "retrieval_by_position.png", "attention_segments.png", "ppl.json"} <= files
 
 
+def tiny_rte(folder: Path) -> Path:
+    """An RTE-format task folder of a few lines."""
+    (folder / "RTE").mkdir(parents=True)
+    rows = "".join(f"A cat sat {i}.\tA cat sat.\t{i % 2}\t{i}\n" for i in range(8))
+    for split in ("train", "dev"):
+        (folder / "RTE" / f"{split}.tsv").write_text("sentence1\tsentence2\tlabel\tidx\n" + rows)
+    return folder
+
+
 def test_evaluate_merges_into_metrics_json_and_keeps_earlier_keys(trained_run, tmp_path, capsys):
     blimp = tmp_path / "blimp.jsonl"
     blimp.write_text(json.dumps({"sentence_good": "The cat sits.", "sentence_bad": "The cat sit.", "field": "morphology", "UID": "agr"}) + "\n")
     before = json.loads((trained_run / "metrics.json").read_text())
-    metrics = evaluate(["--run", str(trained_run), "--suites", "blimp,ppl", "--blimp.data", str(blimp), "--ppl.max_blocks", "2", "--step", "7"])
+    metrics = evaluate(["--run", str(trained_run), "--suites", "blimp,ppl,glue", "--blimp.data", str(blimp), "--ppl.max_blocks", "2",
+                        "--glue.data_dir", str(tiny_rte(tmp_path / "glue")), "--glue.tasks", "[rte]", "--glue.seeds", "[0]",
+                        "--glue.epochs", "1", "--glue.accelerator", "cpu", "--step", "7"])
+    assert 0.0 <= metrics["eval/glue/rte/acc"] <= 1.0 and "eval/glue/score" in metrics
     after = json.loads((trained_run / "metrics.json").read_text())
     assert after["eval/needle/acc"] == before["eval/needle/acc"] and after["val/loss"] == before["val/loss"]
     assert after["eval/blimp/acc"] == metrics["eval/blimp/acc"] and after["eval/ppl/ppl"] == metrics["eval/ppl/ppl"]
