@@ -54,8 +54,9 @@ def masked_token_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """Each scored token, masked alone: log p(x_t | x without t) for a masked LM.
 
-    Returns ([R] log-probabilities, [R] index of the sequence each belongs to). Every scored
-    position of every sequence is one row of a batch, `rows_per_batch` rows per forward pass.
+    Returns ([R] log-probabilities, [R] index of the sequence each belongs to), rows ordered by
+    sequence length. Every scored position of every sequence is one row of a batch,
+    `rows_per_batch` rows per forward pass, cut to the longest sequence in that batch.
     """
     ids, attention = pad(sequences, loaded.vocab.pad_id)  # [N, L]
     score = torch.zeros_like(ids, dtype=torch.bool)
@@ -63,6 +64,8 @@ def masked_token_logprobs(
         score[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
     sequence_of, position = score.nonzero(as_tuple=True)  # [R], [R]
     lengths = attention.sum(1)  # [N]
+    by_length = torch.argsort(lengths[sequence_of], stable=True)  # rows of similar width share a batch
+    sequence_of, position = sequence_of[by_length], position[by_length]
     out = torch.empty(len(sequence_of))
     for start in range(0, len(sequence_of), rows_per_batch):
         seq, pos = sequence_of[start : start + rows_per_batch], position[start : start + rows_per_batch]
