@@ -1,6 +1,7 @@
 """Needle in a haystack: prompts hold the needle where asked, oracles score 1, constants 0."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +66,15 @@ def test_a_length_beyond_the_context_is_refused(causal):
 
 def test_default_lengths_fill_the_context(causal):
     assert max(needle.needle_lengths(causal, needle.Options(), new_tokens=6)) == 250
+
+
+ESSAYS = Path(__file__).parents[1] / "../shared/data/pg_essays"
+
+
+@pytest.mark.skipif(not ESSAYS.is_dir(), reason="../shared/data/pg_essays is absent")
+def test_a_folder_of_essays_is_the_haystack(causal):
+    options = needle.Options(haystack=str(ESSAYS), lengths=[200], depths=2, samples=1)
+    perfect = needle.run(causal, options, answerer=oracle(causal))
+    assert perfect.metrics["acc"] == 1.0
+    text = causal.tokenizer.decode(needle.build_cases(causal, options, new_tokens=6)[0].ids, skip_special_tokens=True)
+    assert " the " in text and "Recall: the" in text
