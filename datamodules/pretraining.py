@@ -85,6 +85,8 @@ class PretrainingDataModule(L.LightningDataModule):
         block_size: tokens per packed training sequence.
         batch_size: sequences per batch on each device.
         num_workers: DataLoader worker processes (masking runs in them).
+        pin_memory: DataLoaders hand out batches in page-locked memory, so the copy to the GPU
+            overlaps compute; None = when a GPU is available.
         val_mask_ratio: MLM only: ratio of the fixed-seed uniform mask every MLM variant is validated on.
         seed: seed of the corpus, the split, the shuffling and the masks.
         cache_dir: where tokenizers and packed blocks are cached.
@@ -108,6 +110,7 @@ class PretrainingDataModule(L.LightningDataModule):
         block_size: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         val_mask_ratio: float = 0.15,
         seed: int = 0,
         cache_dir: str = ".cache/masklab",
@@ -126,6 +129,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.block_size = block_size
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.val_mask_ratio = val_mask_ratio
         self.seed = seed
         self.cache_dir = Path(cache_dir)
@@ -252,6 +256,7 @@ class PretrainingDataModule(L.LightningDataModule):
             collate_fn=MaskingCollator(self.policy, self.vocab, self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             drop_last=True,
             generator=self._private_generator(),
         )
@@ -259,7 +264,8 @@ class PretrainingDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         dataset = TensorDictDataset(self.val_batches)
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=self._sampler(dataset, shuffle=False), generator=self._private_generator()
+            dataset, batch_size=self.batch_size, sampler=self._sampler(dataset, shuffle=False), pin_memory=self.pin_memory,
+            generator=self._private_generator(),
         )
 
     def _private_generator(self) -> torch.Generator:

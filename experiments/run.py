@@ -21,6 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks import (
     ExportCallback,
@@ -50,8 +51,10 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple[int, str | None]:
-    """The version directory this run logs into, and the checkpoint to resume from."""
+def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple[int | None, str | None]:
+    """The version directory this run logs into, and the checkpoint to resume from. None on the
+    ranks > 0 of a run started by an external launcher (torchrun, SLURM's srun): rank 0 claims the
+    directory and the trainer hands it to the others (`trainer.log_dir` is a broadcast)."""
     root = runs_dir / experiment
     if ckpt_path == "last":
         candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -67,6 +70,8 @@ def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple
             return int(version_dir.name.removeprefix("version_")), ckpt_path
     if RUN_VERSION_ENV in os.environ:
         return int(os.environ[RUN_VERSION_ENV]), ckpt_path
+    if rank_zero_only.rank != 0:  # read by Lightning from the launcher's RANK / SLURM_PROCID
+        return None, ckpt_path
     root.mkdir(parents=True, exist_ok=True)
     version = 0
     while True:  # mkdir claims the number, so two runs started together never share a directory
@@ -175,7 +180,8 @@ def main(args: list[str] | None = None) -> MasklabCLI:
         if errors := compatibility_errors(cli.model, cli.datamodule):
             cli.release_run_dir()
             raise ConfigError(errors)
-        os.environ[RUN_VERSION_ENV] = str(cli.run_version)
+        if cli.run_version is not None:
+            os.environ[RUN_VERSION_ENV] = str(cli.run_version)
         trainer = cli.trainer
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
         final = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
