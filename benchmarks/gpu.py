@@ -26,8 +26,8 @@ always masklab's model FLOPs (the head at the labelled positions), also for tran
 which computes more: the three sides compare as useful work per second.
 
 Shapes: ``134m`` and ``500m`` are the MEAP paper's Llama shapes
-(``experiments/configs/models/llama_{100m,500m}.yaml``, 134M / 500M parameters with a 32,000-token
-vocabulary), at T = 2048; ``--objective mlm`` builds a BERT (``--arch``) of the same width, depth
+(``experiments/configs/models/llama_{100m,500m}.yaml``; with the 32,000-token vocabulary used here
+122M and 0.5B parameters, the line above the table says), at T = 2048; ``--objective mlm`` builds a BERT (``--arch``) of the same width, depth
 and heads with a 4x feed-forward (``134m`` is BERT-base: 768 x 12, 12 heads) at T = 512 and a
 30,522-token vocabulary. ``tiny`` (the default without a GPU) is for smoke tests: its numbers say
 nothing about a GPU.
