@@ -49,7 +49,7 @@ import yaml
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import markdown_table, median_time, quiet
+from benchmarks.common import CpuContention, markdown_table, median_time, quiet
 from callbacks import TokenThroughputMonitor
 from datamodules import MEAPInputMask, NoMask, RandomMLMMask
 from datamodules.collate import MaskingCollator
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Side]:
           f"{args.precision}, attention {module.model.config._attn_implementation}, compile {args.compile}; "
           f"{args.steps} steps per side, first {args.skip} untimed")
 
+    contention = CpuContention()
     sides = {
         "plain": plain_side("plain PyTorch loop, masklab loss", module, masklab_loss(module), batches, flops, args, device),
         "trainer": trainer_side(module, batches, flops, args, device),
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Side]:
     if device.type == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         rows.append(("peak resident memory of the process (all sides)", f"{rss:.2f} GiB", "reported"))
+        rows.append(contention.report()[1])
     print()
     print(markdown_table(rows))
     return sides
