@@ -30,23 +30,28 @@ class EvaluationCallback(L.Callback):
         self.options = {name: options_for(name, values) for name, values in suites.items()}  # a bad key fails before training
         self.every_n_steps = every_n_steps
         self._last: tuple[int, dict] | None = None  # (step, results) of the latest periodic evaluation
+        self.run_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank asks here, rank zero uses it later
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0 and trainer.is_global_zero:
+        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
+        already = self._last is not None and self._last[0] == step  # gradient accumulation: several batches per step
+        if due and not already and trainer.is_global_zero:
             self.evaluate(trainer, pl_module, final=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
         if self._last is not None and self._last[0] == trainer.global_step:  # evaluated at this very step already
-            save_results(self._last[1], run_dir / "eval", run_dir / "metrics.json")
+            save_results(self._last[1], self.run_dir / "eval", self.run_dir / "metrics.json")
         else:
-            self.evaluate(trainer, pl_module, final=True, run_dir=run_dir)
+            self.evaluate(trainer, pl_module, final=True)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool, run_dir: Path | None = None) -> None:
-        run_dir = run_dir or Path(trainer.log_dir)
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        run_dir = self.run_dir
         datamodule = trainer.datamodule
         data = {"block_size": datamodule.block_size, "prompt_template": getattr(datamodule, "prompt_template", None)}
         was_training = pl_module.training
