@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evaluation.model import LoadedModel
+from lightning_modules.masked_lm import mlm_head
 
 
 def pad(sequences: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
@@ -55,28 +56,33 @@ def masked_token_logprobs(
     """Each scored token, masked alone: log p(x_t | x without t) for a masked LM.
 
     Returns ([R] log-probabilities, [R] index of the sequence each belongs to), rows ordered by
-    sequence length. Every scored position of every sequence is one row of a batch,
-    `rows_per_batch` rows per forward pass, cut to the longest sequence in that batch.
+    sequence length. Every scored position of every sequence is one row of a batch of up to
+    `rows_per_batch` rows of one length: no padding, so no attention mask, and the output head
+    runs on the masked position of each row only.
     """
     ids, attention = pad(sequences, loaded.vocab.pad_id)  # [N, L]
     score = torch.zeros_like(ids, dtype=torch.bool)
     for row, flags in enumerate(scored):
         score[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
     sequence_of, position = score.nonzero(as_tuple=True)  # [R], [R]
-    lengths = attention.sum(1)  # [N]
-    by_length = torch.argsort(lengths[sequence_of], stable=True)  # rows of similar width share a batch
-    sequence_of, position = sequence_of[by_length], position[by_length]
+    row_length = attention.sum(1)[sequence_of]  # [R]
+    by_length = torch.argsort(row_length, stable=True)
+    sequence_of, position, row_length = sequence_of[by_length], position[by_length], row_length[by_length]
+    head = mlm_head(loaded.model)
     out = torch.empty(len(sequence_of))
-    for start in range(0, len(sequence_of), rows_per_batch):
-        seq, pos = sequence_of[start : start + rows_per_batch], position[start : start + rows_per_batch]
-        width = int(lengths[seq].max())
-        rows, row_attention = ids[seq, :width].clone(), attention[seq, :width]  # [r, W]
-        arange = torch.arange(len(seq))
-        targets = rows[arange, pos].clone()  # [r]
-        rows[arange, pos] = loaded.vocab.mask_id
-        logits = loaded.model(input_ids=rows.to(loaded.device), attention_mask=row_attention.to(loaded.device)).logits
-        picked = logits[arange.to(logits.device), pos.to(logits.device)].float()  # [r, V]
-        out[start : start + len(seq)] = torch.log_softmax(picked, -1).gather(-1, targets[:, None].to(logits.device)).squeeze(-1).cpu()
+    start = 0
+    for width, count in zip(*(t.tolist() for t in torch.unique_consecutive(row_length, return_counts=True))):
+        for chunk in range(start, start + count, rows_per_batch):
+            stop = min(chunk + rows_per_batch, start + count)
+            seq, pos = sequence_of[chunk:stop], position[chunk:stop]
+            rows = ids[seq, :width].clone()  # [r, width]
+            arange = torch.arange(len(seq))
+            targets = rows[arange, pos].clone()  # [r]
+            rows[arange, pos] = loaded.vocab.mask_id
+            hidden = loaded.model.base_model(input_ids=rows.to(loaded.device)).last_hidden_state  # [r, width, H]
+            logits = head(hidden[arange.to(hidden.device), pos.to(hidden.device)]).float()  # [r, V]
+            out[chunk:stop] = torch.log_softmax(logits, -1).gather(-1, targets[:, None].to(logits.device)).squeeze(-1).cpu()
+        start += count
     return out, sequence_of
 
 

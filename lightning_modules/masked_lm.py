@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from datamodules.errors import ConfigError, raise_if_any
 from lightning_modules.base import IGNORE_INDEX, LanguageModelModule, OptimizerConfig
@@ -102,10 +108,7 @@ class MaskedLMModule(LanguageModelModule):
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """The MLM head (dense + activation + LayerNorm + decoder), as the transformers model applies it."""
-        model = self.model
-        if hasattr(model, "lm_predictions"):  # DeBERTa-v2 with `legacy: false`
-            return model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
-        return (model.cls if hasattr(model, "cls") else model.lm_head)(hidden)  # BERT, DeBERTa-v2 / RoBERTa
+        return mlm_head(self.model)(hidden)
 
     def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Knowledge distillation: α·T²·KL(teacher ‖ student) averaged over the masked positions."""
@@ -141,3 +144,15 @@ class MaskedLMModule(LanguageModelModule):
         if model_args["arch"] == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
             return model_args["max_position_embeddings"] - vocab["pad_token_id"] - 1
         return model_args["max_position_embeddings"]
+
+
+def mlm_head(model: PreTrainedModel) -> Callable[[Tensor], Tensor]:
+    """The output head of a transformers masked LM as a function of the body's hidden states
+    [..., H] -> logits [..., V], so logits can be computed at chosen positions only."""
+    if hasattr(model, "lm_predictions"):  # DeBERTa-v2 with `legacy: false`
+        return lambda hidden: model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
+    if hasattr(model, "cls"):  # BERT, DeBERTa-v2
+        return model.cls
+    if hasattr(model, "lm_head"):  # RoBERTa
+        return model.lm_head
+    raise ValueError(f"{type(model).__name__}: no known masked-LM head (cls, lm_head or lm_predictions)")
