@@ -7,7 +7,6 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
@@ -175,7 +174,8 @@ class LanguageModelModule(L.LightningModule):
         labelled = labels != IGNORE_INDEX  # [B, L']
         logits = self.output_logits(hidden[labelled])  # [N, V]
         targets = labels[labelled]  # [N]
-        selected_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, V], shared by the loss and the entropy
+        selected_loss = -log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [N]
         loss = selected_loss.sum() / labelled.sum().clamp_min(1)
         if self.training:
             for name, term in self.auxiliary_losses(batch, logits, labels).items():
@@ -188,7 +188,7 @@ class LanguageModelModule(L.LightningModule):
                 inputs=inputs,
                 loss=_scatter(selected_loss.detach(), labelled),
                 correct=_scatter(logits.argmax(-1) == targets, labelled),
-                entropy=_scatter(predictive_entropy(logits), labelled) if self.collect_entropy else None,
+                entropy=_scatter(-(log_probs.exp() * log_probs).sum(-1), labelled) if self.collect_entropy else None,
             )
         return loss, stats
 
