@@ -287,6 +287,7 @@ def per_layer_figure(decay: Change, variance: Change) -> Figure:
     axes.plot(layers, decay.per_layer, marker="o", label="masked score decay")
     axes.plot(layers, variance.per_layer, marker="o", label="variance increase")
     axes.axhline(0, color="grey", linewidth=0.5)
+    axes.set_xticks(layers)
     axes.set_xlabel("layer")
     axes.set_ylabel("relative change, masked vs clean")
     axes.legend()
