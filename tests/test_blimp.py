@@ -84,3 +84,12 @@ def test_reader_on_the_real_blimp_files():
     assert len(limited) == 2 * files and len({p.paradigm for p in limited}) == files
     with gzip.open(REAL / "adjunct_island.jsonl.gz", "rt") as f:
         assert json.loads(f.readline())["sentence_bad"] == pairs[0].bad
+
+
+def test_a_datasets_source_reads_like_the_files(tmp_path, tiny_causal_dir):
+    from datasets import Dataset
+
+    rows = [pair("The cat sits.", "The cat sit.", "agreement", "morphology"), pair("Who left?", "Who left him?", "island")]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    from_files = blimp.load_pairs(blimp.Options(data=str(write_pairs(tmp_path / "p.jsonl", rows))))
+    assert blimp.load_pairs(blimp.Options(hf_dataset=str(tmp_path / "saved"))) == from_files
