@@ -170,7 +170,8 @@ def check_suite(loaded):
 
 
 def test_suite_on_a_hand_made_model(hand_made):
-    check_suite(hand_made)
+    result = check_suite(hand_made)
+    assert 0 < result.metrics["share_answer"] < 1  # the gold fact is found in the prompt and attended
 
 
 def test_options_name_the_key_at_fault(tiny_causal_dir):
@@ -216,7 +217,8 @@ def test_callback_probes_the_original_validation_text(meap_attention_run):
 
 def test_suite_on_a_tiny_trained_model(meap_attention_run):
     _, run_dir = meap_attention_run
-    check_suite(load_model(str(run_dir)))
+    result = check_suite(load_model(str(run_dir)))
+    assert 0 < result.metrics["share_answer"] < 1
 
 
 def test_callback_rejects_bad_arguments():
