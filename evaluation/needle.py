@@ -4,7 +4,8 @@ For each (length, depth) cell, `samples` prompts of exactly `length` tokens are 
 space: `<bos>`, haystack text, the needle sentence ("The code of Velora is 4812.") inserted at the
 sentence boundary nearest to `depth` of the haystack, more haystack, then the question ("Recall:
 the code of Velora is"). The model answers greedily (an encoder fills [MASK] slots). Scores:
-exact match (the answer starts with the value) and ROUGE-1 recall of the value's words.
+exact match (the answer starts with the value) and ROUGE-1 recall of the value's words, and the
+value's log-probability after the prompt (teacher-forced), which moves before exact match does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datamodules.errors import ConfigError
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
-from evaluation.scoring import answers, exact_match
+from evaluation.scoring import answer_logprobs, answers, exact_match
 
 
 @dataclass
@@ -145,7 +146,9 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
     lengths = sorted({c.length for c in cases})
     grid = correct.reshape(len(lengths), options.depths, options.samples).mean(-1).T  # [depths, lengths]: cases are length-major
     figure = heatmap(grid, lengths, f"needle: exact match {correct.mean():.2f}")
-    metrics = {"acc": float(correct.mean()), "rouge1_recall": float(rouge.mean())}
+    values = [loaded.tokenizer(" " + c.value, add_special_tokens=False)["input_ids"] for c in cases]
+    value_logprob = answer_logprobs(loaded, [c.ids for c in cases], values, options.batch_size)  # [cases]
+    metrics = {"acc": float(correct.mean()), "rouge1_recall": float(rouge.mean()), "value_logprob": float(value_logprob.mean())}
     metrics |= {f"acc_length_{n}": float(grid[:, i].mean()) for i, n in enumerate(lengths)}
     table = "\n".join(
         ["| length | " + " | ".join(f"{100 * d:.0f}%" for d in np.linspace(0, 1, options.depths)) + " | mean |",

@@ -37,15 +37,40 @@ def _chunks_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def causal_logprobs(loaded: LoadedModel, sequences: list[list[int]], batch_size: int = 32) -> Tensor:
-    """[N] float: log p(s[1:] | s[0]) summed over tokens, for a causal model; s[0] is the BOS."""
+def causal_logprobs(loaded: LoadedModel, sequences: list[list[int]], batch_size: int = 32, scored_from: list[int] | None = None) -> Tensor:
+    """[N] float: log p(s[k:] | s[:k]) summed over tokens, for a causal model; k = scored_from[i]
+    (default 1: everything after the BOS)."""
     totals = torch.zeros(len(sequences))
+    first = torch.tensor(scored_from) if scored_from is not None else torch.ones(len(sequences), dtype=torch.long)
     for chunk in _chunks_by_length([len(s) for s in sequences], batch_size):
-        ids, attention = pad([sequences[i] for i in chunk], loaded.vocab.pad_id)
-        ids, attention = ids.to(loaded.device), attention.to(loaded.device)
-        logits = loaded.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()  # [B, L-1, V]
-        token_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
-        totals[chunk] = (token_logp * attention[:, 1:]).sum(1).cpu()
+        ids, attention = pad([sequences[i] for i in chunk], loaded.vocab.pad_id)  # [B, L]
+        scored = attention[:, 1:].bool() & (torch.arange(1, ids.shape[1]) >= first[chunk][:, None])  # [B, L-1]: token t+1
+        ids = ids.to(loaded.device)
+        logits = loaded.model(input_ids=ids, attention_mask=attention.to(loaded.device)).logits[:, :-1].float()  # [B, L-1, V]
+        token_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # [B, L-1]
+        totals[chunk] = (token_logp * scored).sum(1)
+    return totals
+
+
+@torch.no_grad()
+def answer_logprobs(loaded: LoadedModel, prompts: list[list[int]], targets: list[list[int]], batch_size: int = 16) -> Tensor:
+    """[N] float: log-probability of each target answer after its prompt, teacher-forced: a
+    decoder's log p(answer | prompt); an encoder's sum of log p(answer token i | prompt, [MASK] slots),
+    the slots appended as `answers` does. Graded where exact match is all-or-nothing."""
+    if loaded.objective == "causal":
+        return causal_logprobs(loaded, [p + t for p, t in zip(prompts, targets)], batch_size, [len(p) for p in prompts])
+    vocab = loaded.vocab
+    totals = torch.zeros(len(prompts))
+    for chunk in _chunks_by_length([len(p) + len(t) for p, t in zip(prompts, targets)], batch_size):
+        slots = [[*prompts[i], *([vocab.mask_id] * len(targets[i])), vocab.eos_id] for i in chunk]
+        ids, attention = pad(slots, vocab.pad_id)
+        row_of = torch.tensor([row for row, i in enumerate(chunk) for _ in targets[i]])  # [M]: one per answer token
+        column = torch.tensor([len(prompts[i]) + j for i in chunk for j in range(len(targets[i]))])  # [M]
+        token = torch.tensor([t for i in chunk for t in targets[i]])  # [M]
+        logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
+        log_probs = torch.log_softmax(logits[row_of.to(logits.device), column.to(logits.device)].float(), -1).cpu()  # [M, V]
+        picked = log_probs.gather(-1, token[:, None]).squeeze(-1)  # [M]
+        totals[chunk] = torch.zeros(len(chunk)).index_add_(0, row_of, picked)
     return totals
 
 

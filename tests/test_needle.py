@@ -55,6 +55,7 @@ def test_a_real_model_runs_with_and_without_the_kv_cache(causal, tiny_mlm_dir):
     cached = needle.run(causal, needle.Options(lengths=[80], depths=2, samples=2))
     uncached = needle.run(causal, needle.Options(lengths=[80], depths=2, samples=2, use_cache=False))
     assert cached.details["examples"] == uncached.details["examples"]
+    assert cached.metrics["value_logprob"] == uncached.metrics["value_logprob"] < 0  # teacher-forced: no decoding involved
     encoder = needle.run(load_model(str(tiny_mlm_dir)), needle.Options(lengths=[80], depths=2, samples=1))
     assert 0.0 <= encoder.metrics["acc"] <= 1.0
 

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from evaluation.model import load_model
 from evaluation.scoring import (
+    answer_logprobs,
     answers,
     causal_logprobs,
     contains_answer,
@@ -83,3 +84,14 @@ def test_answer_matching_rules():
     assert not exact_match("48120", "4812")
     assert contains_answer("it is 4812.", ["1234", "4812"])
     assert not contains_answer("it is 48123", ["4812"])
+
+
+def test_answer_logprobs_score_only_the_answer(causal, masked):
+    prompt, answer = [causal.vocab.bos_id, *range(40, 50)], [60, 61, 62]
+    whole, prefix = causal_logprobs(causal, [prompt + answer, prompt])
+    assert_close(answer_logprobs(causal, [prompt, prompt[:4]], [answer, answer])[0], whole - prefix, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([[*prompt, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.eos_id]])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(masked.model(input_ids=ids).logits[0], -1)
+    by_hand = sum(log_probs[len(prompt) + j, t] for j, t in enumerate(answer))
+    assert_close(answer_logprobs(masked, [prompt, prompt[:6]], [answer, [70]])[0], by_hand, atol=1e-4, rtol=1e-4)
