@@ -10,7 +10,6 @@ value's log-probability after the prompt (teacher-forced), which moves before ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib
@@ -26,7 +25,7 @@ from datamodules.errors import ConfigError
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
-from evaluation.scoring import answer_logprobs, answers, exact_match
+from evaluation.scoring import Answerer, answer_logprobs, answers, exact_match
 
 
 @dataclass
@@ -62,10 +61,6 @@ class Case:
     value: str
     length: int
     depth: float  # the needle's actual place: its first token's offset / haystack tokens
-
-
-# (prompts, new tokens) -> answers; the suite uses the model, tests plug in oracles
-Answerer = Callable[[list[list[int]], int], list[str]]
 
 
 def haystack_ids(loaded: LoadedModel, options: Options, tokens_needed: int) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from datamodules.errors import ConfigError, DataError
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
-from evaluation.scoring import answers, contains_answer
+from evaluation.scoring import Answerer, answers, contains_answer
 
 TASKS = ("kv", "qa")
 
@@ -165,9 +164,6 @@ def curve(details: dict[str, dict]):
     axes.legend()
     figure.tight_layout()
     return figure
-
-
-Answerer = Callable[[list[list[int]], int], list[str]]
 
 
 def prompt_ids(loaded: LoadedModel, template: str, prompt: str) -> list[int]:

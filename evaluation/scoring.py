@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,10 @@ def sentence_scores(loaded: LoadedModel, sentences: list[str], batch_size: int =
     if loaded.objective == "causal":
         return causal_logprobs(loaded, [[bos, *ids] for ids in encoded], batch_size)
     return pseudo_log_likelihoods(loaded, [[bos, *ids, eos] for ids in encoded], rows_per_batch=8 * batch_size)
+
+
+# (prompts, new tokens) -> answer texts: `answers` on a model; tests plug in oracles
+Answerer = Callable[[list[list[int]], int], list[str]]
 
 
 @torch.no_grad()
