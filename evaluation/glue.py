@@ -405,7 +405,7 @@ def summarise(tasks: list[Task], per_seed: dict[str, list[dict[str, float]]]) ->
 
 def scores_figure(tasks: list[Task], per_seed: dict[str, list[dict[str, float]]]) -> Figure:
     stats = [mean_std(main_scores(task, per_seed[task.name])) for task in tasks]
-    figure = Figure(figsize=(1.8 * len(tasks) + 1.2, 3.5))
+    figure = Figure(figsize=(max(4.5, 1.8 * len(tasks) + 1.2), 3.5))  # wide enough for the title
     axes = figure.subplots()
     names = [f"{t.name}: {t.main_name}\n{mean:.3f} ± {std:.3f}" for t, (mean, std) in zip(tasks, stats)]
     axes.bar(names, [mean for mean, _ in stats], yerr=[std for _, std in stats], capsize=5)
