@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         random.ratio = adaptive.ratio
         collates = {"amlm": MaskingCollator(adaptive, dm.vocab, 0), "random": MaskingCollator(random, dm.vocab, 0)}
         torch.manual_seed(0)
-        module = MaskedLMModule(vocab=dm.model_vocab, block_size=args.block_size, hidden_size=args.hidden_size,
-                                num_layers=2, num_heads=4, optimizer=OptimizerConfig())
+        module = MaskedLMModule(
+            vocab=dm.model_vocab,
+            block_size=args.block_size,
+            hidden_size=args.hidden_size,
+            num_layers=2,
+            num_heads=4,
+            optimizer=OptimizerConfig(),
+        )
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
         callback = AdaptiveMaskingCallback()
         callback._reset(dm.vocab.size, torch.device("cpu"))
@@ -65,8 +71,14 @@ def main(argv: list[str] | None = None) -> None:
 
         teacher_dir = Path(tempfile.mkdtemp(prefix="masklab-teacher-"))
         module.model.save_pretrained(teacher_dir)
-        student = MaskedLMModule(vocab=dm.model_vocab, block_size=args.block_size, hidden_size=args.hidden_size,
-                                 num_layers=2, num_heads=4, distill_from=str(teacher_dir))
+        student = MaskedLMModule(
+            vocab=dm.model_vocab,
+            block_size=args.block_size,
+            hidden_size=args.hidden_size,
+            num_layers=2,
+            num_heads=4,
+            distill_from=str(teacher_dir),
+        )
         student.train()
         student_optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         vocab = dm.vocab
@@ -101,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
         batch = collates["amlm"](batch_samples)
         step_time = median_time(lambda: train_step(batch), args.repeats, warmup=3)
-        gather_time = median_time(lambda: callback.accumulate(last_stats["stats"], dm.vocab.mask_id), args.repeats * 10, warmup=3)
+        gather_time = median_time(
+            lambda: callback.accumulate(last_stats["stats"], dm.vocab.mask_id), args.repeats * 10, warmup=3
+        )
 
         times = {kind: [] for kind in ("random", "amlm", "entropy_type", "entropy_position", "kd")}
         for _ in range(args.repeats):  # interleaved, so drift hits both alike
@@ -114,12 +128,16 @@ def main(argv: list[str] | None = None) -> None:
     vocab = args.update_vocab
     g = torch.Generator().manual_seed(0)
     counters = {
-        "seen": torch.randint(0, 50, (vocab,), generator=g), "correct": torch.randint(0, 50, (vocab,), generator=g),
-        "masked_loss": torch.rand(vocab, generator=g) * 100, "masked_seen": torch.randint(0, 50, (vocab,), generator=g),
+        "seen": torch.randint(0, 50, (vocab,), generator=g),
+        "correct": torch.randint(0, 50, (vocab,), generator=g),
+        "masked_loss": torch.rand(vocab, generator=g) * 100,
+        "masked_seen": torch.randint(0, 50, (vocab,), generator=g),
     }
     weights = torch.full((vocab,), 0.15)
     update_time = median_time(
-        lambda: update_weights(weights, difficulty_targets(counters, "accuracy", 0.15), 0.15, 0.2, 0.005), args.repeats, warmup=2
+        lambda: update_weights(weights, difficulty_targets(counters, "accuracy", 0.15), 0.15, 0.2, 0.005),
+        args.repeats,
+        warmup=2,
     )
 
     share = gather_time / step_time
@@ -127,11 +145,21 @@ def main(argv: list[str] | None = None) -> None:
         ("statistics gathering / training step", f"{share:.2%}", f"≤ 2% ({verdict(share <= 0.02)})"),
         (f"one weight update, V={vocab:,}", f"{update_time * 1e3:.1f} ms", f"≤ 50 ms ({verdict(update_time <= 0.05)})"),
         ("AMLM step / random-MLM step", f"{step_ratio:.3f}", f"≤ 1.03 ({verdict(step_ratio <= 1.03)})"),
-        ("entropy per type step / random-MLM step", f"{ratios['entropy_type']:.3f}", f"≤ 1.03 ({verdict(ratios['entropy_type'] <= 1.03)})"),
-        ("entropy per position step / random-MLM step", f"{ratios['entropy_position']:.3f}", "reported (one extra forward)"),
+        (
+            "entropy per type step / random-MLM step",
+            f"{ratios['entropy_type']:.3f}",
+            f"≤ 1.03 ({verdict(ratios['entropy_type'] <= 1.03)})",
+        ),
+        (
+            "entropy per position step / random-MLM step",
+            f"{ratios['entropy_position']:.3f}",
+            "reported (one extra forward)",
+        ),
         ("distillation step / random-MLM step", f"{ratios['kd']:.3f}", "reported (one teacher forward)"),
     ]
-    print(f"training step {step_time * 1e3:.1f} ms, statistics {gather_time * 1e3:.2f} ms (batch {args.batch_size}x{args.block_size})")
+    print(
+        f"training step {step_time * 1e3:.1f} ms, statistics {gather_time * 1e3:.2f} ms (batch {args.batch_size}x{args.block_size})"
+    )
     print(markdown_table(rows))
 
 

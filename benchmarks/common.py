@@ -72,13 +72,20 @@ class CpuContention:
         """A sentence for the log and a row for the results table."""
         shares = self.measure()
         if shares is None:
-            return "CPU contention: unknown (no /proc/stat)", ("CPU used by other processes during the run", "unknown", "~0%")
+            return "CPU contention: unknown (no /proc/stat)", (
+                "CPU used by other processes during the run",
+                "unknown",
+                "~0%",
+            )
         others, steal = shares
         line = f"CPU contention during this run: other processes {others:.0%} of the machine's CPU, hypervisor steal {steal:.0%}"
         if others + steal > RELIABLE_CONTENTION:
             line += "\nWARNING: the machine was busy; the ratios above are unreliable, run again on an idle machine"
-        return line, ("CPU used by other processes (+ steal) during the run", f"{others:.0%} (+ {steal:.0%})",
-                      f"~0% (ratios unreliable above {RELIABLE_CONTENTION:.0%})")
+        return line, (
+            "CPU used by other processes (+ steal) during the run",
+            f"{others:.0%} (+ {steal:.0%})",
+            f"~0% (ratios unreliable above {RELIABLE_CONTENTION:.0%})",
+        )
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:

@@ -46,8 +46,14 @@ def pll_rows(encoder: LoadedModel, texts: list[str], shape: str, repeats: int) -
     bos, eos = encoder.vocab.bos_id, encoder.vocab.eos_id
     ids = [[bos, *s, eos] for s in encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     batched = median_time(lambda: pseudo_log_likelihoods(encoder, ids, rows_per_batch=512), repeats, 1)
-    one_at_a_time = median_time(lambda: [pseudo_log_likelihoods(encoder, [s], rows_per_batch=512) for s in ids], repeats, 1)
-    token_loop = median_time(lambda: [pseudo_log_likelihoods(encoder, [s], rows_per_batch=1) for s in ids[:16]], repeats, 1) * len(ids) / 16
+    one_at_a_time = median_time(
+        lambda: [pseudo_log_likelihoods(encoder, [s], rows_per_batch=512) for s in ids], repeats, 1
+    )
+    token_loop = (
+        median_time(lambda: [pseudo_log_likelihoods(encoder, [s], rows_per_batch=1) for s in ids[:16]], repeats, 1)
+        * len(ids)
+        / 16
+    )
     same = torch.cat([pseudo_log_likelihoods(encoder, [s]) for s in ids[:8]])
     torch.testing.assert_close(pseudo_log_likelihoods(encoder, ids[:8]), same, atol=1e-3, rtol=1e-4)
     ratio = one_at_a_time / batched
@@ -55,7 +61,11 @@ def pll_rows(encoder: LoadedModel, texts: list[str], shape: str, repeats: int) -
         (f"BLiMP PLL {shape}, batched (sentences/s)", f"{len(ids) / batched:.1f}", ""),
         (f"BLiMP PLL {shape}, one sentence at a time (sentences/s)", f"{len(ids) / one_at_a_time:.1f}", ""),
         (f"BLiMP PLL {shape}, one masked token per forward (sentences/s)", f"{len(ids) / token_loop:.1f}", ""),
-        (f"BLiMP PLL {shape}, batched / one sentence at a time", f"{ratio:.1f}x", verdict(ratio >= 10) + " (target >= 10x)"),
+        (
+            f"BLiMP PLL {shape}, batched / one sentence at a time",
+            f"{ratio:.1f}x",
+            verdict(ratio >= 10) + " (target >= 10x)",
+        ),
         (f"BLiMP PLL {shape}, batched / one masked token per forward", f"{token_loop / batched:.1f}x", "reported"),
     ]
 
@@ -81,13 +91,19 @@ def main(argv: list[str] | None = None) -> None:
     uncached = median_time(lambda: answers(decoder, prompts, 6, batch_size=8, use_cache=False), args.repeats, 1)
     assert answers(decoder, prompts, 6, use_cache=True) == answers(decoder, prompts, 6, use_cache=False)
 
-    print(f"{args.sentences} BLiMP sentences; needle: {len(prompts)} prompts of {args.needle_length} tokens, 6 new tokens, quickstart shape\n")
-    print(markdown_table([
-        *rows,
-        ("needle with KV cache (prompts/s)", f"{len(prompts) / cached:.2f}", ""),
-        ("needle without KV cache (prompts/s)", f"{len(prompts) / uncached:.2f}", ""),
-        ("KV cache / no cache", f"{uncached / cached:.1f}x", "reported"),
-    ]))
+    print(
+        f"{args.sentences} BLiMP sentences; needle: {len(prompts)} prompts of {args.needle_length} tokens, 6 new tokens, quickstart shape\n"
+    )
+    print(
+        markdown_table(
+            [
+                *rows,
+                ("needle with KV cache (prompts/s)", f"{len(prompts) / cached:.2f}", ""),
+                ("needle without KV cache (prompts/s)", f"{len(prompts) / uncached:.2f}", ""),
+                ("KV cache / no cache", f"{uncached / cached:.1f}x", "reported"),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

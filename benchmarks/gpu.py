@@ -78,8 +78,19 @@ def paper_shape(name: str, batch_size: int) -> Shape:
 
 
 SHAPES = {
-    "tiny": lambda: Shape({"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                           "intermediate_size": 192, "max_position_embeddings": 128}, 64, 4, 512),
+    "tiny": lambda: Shape(
+        {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 192,
+            "max_position_embeddings": 128,
+        },
+        64,
+        4,
+        512,
+    ),
     "134m": lambda: paper_shape("100m", batch_size=8),
     "500m": lambda: paper_shape("500m", batch_size=4),
 }
@@ -149,21 +160,36 @@ def make_samples(vocab: Vocab, batches: int, batch_size: int, block_size: int) -
 def build(args: argparse.Namespace, shape: Shape) -> tuple[LanguageModelModule, MaskingCollator, int, int]:
     """The module, the objective's collate, and the block and batch size the objective trains on."""
     batch_size = args.batch_size or shape.batch_size
-    common = {"hidden_size": shape.model["hidden_size"], "num_layers": shape.model["num_layers"],
-              "num_heads": shape.model["num_heads"], "compile": args.compile, "attn_implementation": args.attn}
+    common = {
+        "hidden_size": shape.model["hidden_size"],
+        "num_layers": shape.model["num_layers"],
+        "num_heads": shape.model["num_heads"],
+        "compile": args.compile,
+        "attn_implementation": args.attn,
+    }
     torch.manual_seed(0)
     if args.objective == "mlm":
         block_size = args.block_size or min(shape.block_size, 512)
         vocab = synthetic_vocab(shape.vocab_size if args.shape == "tiny" else 30522)
-        module = MaskedBench(vocab=vocab.as_dict(), block_size=block_size, arch=args.arch,
-                             max_position_embeddings=max(block_size, 512), **common)
+        module = MaskedBench(
+            vocab=vocab.as_dict(),
+            block_size=block_size,
+            arch=args.arch,
+            max_position_embeddings=max(block_size, 512),
+            **common,
+        )
         policy = RandomMLMMask()
     else:
         block_size = args.block_size or shape.block_size
         vocab = synthetic_vocab(shape.vocab_size)
-        module = CausalBench(vocab=vocab.as_dict(), block_size=block_size, num_kv_heads=shape.model["num_kv_heads"],
-                             intermediate_size=shape.model["intermediate_size"],
-                             max_position_embeddings=max(block_size, shape.model["max_position_embeddings"]), **common)
+        module = CausalBench(
+            vocab=vocab.as_dict(),
+            block_size=block_size,
+            num_kv_heads=shape.model["num_kv_heads"],
+            intermediate_size=shape.model["intermediate_size"],
+            max_position_embeddings=max(block_size, shape.model["max_position_embeddings"]),
+            **common,
+        )
         policy = MEAPInputMask() if args.objective == "meap" else NoMask()
     return module, MaskingCollator(policy, vocab, seed=0), block_size, batch_size
 
@@ -212,13 +238,23 @@ def trainer_side(module, batches, flops, args, device) -> Side:
     reset_memory(device)
     clock = StepClock(device)
     trainer = L.Trainer(
-        max_steps=args.steps, accelerator=device.type, devices=1, precision=args.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[clock, TokenThroughputMonitor()],
+        max_steps=args.steps,
+        accelerator=device.type,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock, TokenThroughputMonitor()],
     )
     loader = DataLoader(CycledBatches(batches, args.steps), batch_size=None, pin_memory=device.type == "cuda")
     trainer.fit(module, train_dataloaders=loader)
-    return measure("Lightning Trainer, masklab loss", clock.marks, args.skip, flops, batches[0]["input_ids"].numel(), device)
+    return measure(
+        "Lightning Trainer, masklab loss", clock.marks, args.skip, flops, batches[0]["input_ids"].numel(), device
+    )
 
 
 def plain_side(name: str, module, loss_fn, batches, flops, args, device) -> Side:
@@ -251,8 +287,9 @@ def masklab_loss(module: LanguageModelModule):
 
 def hf_loss(module: LanguageModelModule):
     """transformers' own loss: logits at every position, its cross-entropy (shifted for causal)."""
-    return lambda batch: module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      labels=batch["labels"]).loss
+    return lambda batch: (
+        module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    )
 
 
 def fmt_side(side: Side) -> str:
@@ -263,20 +300,37 @@ def fmt_side(side: Side) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="134m" if gpu else "tiny",
-                        help="model shape (default: 134m on a GPU, tiny otherwise)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="134m" if gpu else "tiny",
+        help="model shape (default: 134m on a GPU, tiny otherwise)",
+    )
     parser.add_argument("--objective", choices=["ntp", "meap", "mlm"], default="ntp")
-    parser.add_argument("--arch", choices=["bert", "roberta", "deberta-v2"], default="bert", help="encoder for --objective mlm")
+    parser.add_argument(
+        "--arch", choices=["bert", "roberta", "deberta-v2"], default="bert", help="encoder for --objective mlm"
+    )
     parser.add_argument("--steps", type=int, default=30 if gpu else 4, help="optimiser steps per side")
-    parser.add_argument("--skip", type=int, default=None, help="first steps of each side not timed (default: 5, or 10 with --compile; 1 on a CPU)")
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=None,
+        help="first steps of each side not timed (default: 5, or 10 with --compile; 1 on a CPU)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the shape's)")
     parser.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default: 2048; 512 for mlm)")
     parser.add_argument("--batches", type=int, default=4, help="distinct precollated batches served in turn")
     parser.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed" if gpu else "32-true")
-    parser.add_argument("--attn", default=None, help="model.attn_implementation (sdpa, flash_attention_2, ...; default: transformers')")
+    parser.add_argument(
+        "--attn", default=None, help="model.attn_implementation (sdpa, flash_attention_2, ...; default: transformers')"
+    )
     parser.add_argument("--compile", action="store_true", help="model.compile: torch.compile the transformer body")
-    parser.add_argument("--peak-flops", type=float, default=None,
-                        help="the device's peak FLOP/s for MFU (default: Lightning's table of GPUs; none on a CPU)")
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="the device's peak FLOP/s for MFU (default: Lightning's table of GPUs; none on a CPU)",
+    )
     args = parser.parse_args(argv)
     if args.skip is None:
         args.skip = (10 if args.compile else 5) if gpu else 1
@@ -300,16 +354,22 @@ def main(argv: list[str] | None = None) -> dict[str, Side]:
     peak_flops = args.peak_flops or (get_available_flops(device, dtype) if device.type == "cuda" else None)
     params = sum(p.numel() for p in module.parameters())
     model_name = args.arch if args.objective == "mlm" else "llama"
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; "
-          f"{model_name} {args.shape} ({params / 1e6:.1f}M parameters), {args.objective}, batch {batch_size} x {block_size}, "
-          f"{args.precision}, attention {module.model.config._attn_implementation}, compile {args.compile}; "
-          f"{args.steps} steps per side, first {args.skip} untimed")
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; "
+        f"{model_name} {args.shape} ({params / 1e6:.1f}M parameters), {args.objective}, batch {batch_size} x {block_size}, "
+        f"{args.precision}, attention {module.model.config._attn_implementation}, compile {args.compile}; "
+        f"{args.steps} steps per side, first {args.skip} untimed"
+    )
 
     contention = CpuContention()
     sides = {
-        "plain": plain_side("plain PyTorch loop, masklab loss", module, masklab_loss(module), batches, flops, args, device),
+        "plain": plain_side(
+            "plain PyTorch loop, masklab loss", module, masklab_loss(module), batches, flops, args, device
+        ),
         "trainer": trainer_side(module, batches, flops, args, device),
-        "hf": plain_side("plain PyTorch loop, transformers' own loss", module, hf_loss(module), batches, flops, args, device),
+        "hf": plain_side(
+            "plain PyTorch loop, transformers' own loss", module, hf_loss(module), batches, flops, args, device
+        ),
     }
     collate_seconds = median_time(lambda: collate(samples[0]), repeats=5, warmup=1)
 
@@ -319,15 +379,24 @@ def main(argv: list[str] | None = None) -> dict[str, Side]:
     trainer = sides["trainer"]
     rows = [(side.name, fmt_side(side), "reported") for side in sides.values()]
     rows += [
-        ("MFU, Lightning Trainer",
-         f"{trainer.flops_per_step / trainer.step_seconds / peak_flops:.1%} of {peak_flops / 1e12:.3g} TFLOP/s" if peak_flops
-         else "n/a: no peak FLOP/s known for this device (--peak-flops)",
-         f">= {MFU_TARGET:.0%} (134m/500m, T=2048, H100)" if args.objective != "mlm" else "reported"),
+        (
+            "MFU, Lightning Trainer",
+            f"{trainer.flops_per_step / trainer.step_seconds / peak_flops:.1%} of {peak_flops / 1e12:.3g} TFLOP/s"
+            if peak_flops
+            else "n/a: no peak FLOP/s known for this device (--peak-flops)",
+            f">= {MFU_TARGET:.0%} (134m/500m, T=2048, H100)" if args.objective != "mlm" else "reported",
+        ),
         ("throughput Lightning Trainer / plain loop", f"{trainer_ratio:.3f}", f">= {TRAINER_TARGET}"),
-        ("throughput masklab loss / transformers' own loss (plain loops)", f"{hf_ratio:.2f}x",
-         f">= {hf_target}x ({args.arch}, GPU)" if hf_target else "reported"),
-        ("collate share of a step (main process, no workers)",
-         f"{collate_seconds / sides['plain'].step_seconds:.2%} ({collate_seconds * 1e3:.2f} ms)", "<= 3%"),
+        (
+            "throughput masklab loss / transformers' own loss (plain loops)",
+            f"{hf_ratio:.2f}x",
+            f">= {hf_target}x ({args.arch}, GPU)" if hf_target else "reported",
+        ),
+        (
+            "collate share of a step (main process, no workers)",
+            f"{collate_seconds / sides['plain'].step_seconds:.2%} ({collate_seconds * 1e3:.2f} ms)",
+            "<= 3%",
+        ),
     ]
     if device.type == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

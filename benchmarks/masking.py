@@ -127,8 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=16, help="distinct batches per timed pass")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per collate")
     parser.add_argument("--warmup", type=int, default=3, help="untimed passes per collate")
-    parser.add_argument("--step-batch-size", type=int, default=None,
-                        help="batch size of the step-share measurement (default: quickstart.yaml's data.batch_size)")
+    parser.add_argument(
+        "--step-batch-size",
+        type=int,
+        default=None,
+        help="batch size of the step-share measurement (default: quickstart.yaml's data.batch_size)",
+    )
     parser.add_argument("--step-repeats", type=int, default=30, help="timed collate + step pairs")
     parser.add_argument("--step-warmup", type=int, default=5, help="untimed collate + step pairs")
     parser.add_argument("--documents", type=int, default=300, help="documents of the built-in corpus")
@@ -143,38 +147,64 @@ def main() -> None:
     contention = CpuContention()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tiny_datamodule(
-        builtin_documents=args.documents, vocab_size=args.vocab_size, block_size=args.block_size, batch_size=args.batch_size
+        builtin_documents=args.documents,
+        vocab_size=args.vocab_size,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
     ) as dm:
         print(f"data: {len(dm.train_blocks)} blocks of {dm.block_size} tokens, vocabulary {dm.vocab.size}")
         speed = collate_throughput(dm, args)
         ratio = speed["ours"] / speed["theirs"]
-        print(f"\ncollate throughput, {args.batch_size} x {dm.block_size} tokens per batch, "
-              f"median of {args.repeats} passes:")
-        print(f"  masklab MaskingCollator + RandomMLMMask:       {speed['ours']:>11,.0f} tokens/s "
-              f"(masked share {speed['our_masked']:.3f})")
-        print(f"  transformers DataCollatorForLanguageModeling: {speed['theirs']:>11,.0f} tokens/s "
-              f"(masked share {speed['their_masked']:.3f})")
-        print(f"  speed-up ours / transformers: {ratio:.1f}x  "
-              f"(target >= {SPEEDUP_TARGET:.0f}x: {verdict(ratio >= SPEEDUP_TARGET)})")
+        print(
+            f"\ncollate throughput, {args.batch_size} x {dm.block_size} tokens per batch, "
+            f"median of {args.repeats} passes:"
+        )
+        print(
+            f"  masklab MaskingCollator + RandomMLMMask:       {speed['ours']:>11,.0f} tokens/s "
+            f"(masked share {speed['our_masked']:.3f})"
+        )
+        print(
+            f"  transformers DataCollatorForLanguageModeling: {speed['theirs']:>11,.0f} tokens/s "
+            f"(masked share {speed['their_masked']:.3f})"
+        )
+        print(
+            f"  speed-up ours / transformers: {ratio:.1f}x  "
+            f"(target >= {SPEEDUP_TARGET:.0f}x: {verdict(ratio >= SPEEDUP_TARGET)})"
+        )
 
         share = collate_share(dm, args)
-        print(f"\ncollate share of a quickstart MEAP step, batch {share['batch_size']} x {dm.block_size}, "
-              f"median of {args.step_repeats}:")
-        print(f"  collate: {share['collate'] * 1e3:.3f} ms   "
-              f"step (fwd + bwd + AdamW + zero_grad): {share['step'] * 1e3:.1f} ms")
-        print(f"  share collate / (collate + step): {share['share']:.3%}  "
-              f"(target <= {SHARE_TARGET:.0%}: {verdict(share['share'] <= SHARE_TARGET)})")
+        print(
+            f"\ncollate share of a quickstart MEAP step, batch {share['batch_size']} x {dm.block_size}, "
+            f"median of {args.step_repeats}:"
+        )
+        print(
+            f"  collate: {share['collate'] * 1e3:.3f} ms   "
+            f"step (fwd + bwd + AdamW + zero_grad): {share['step'] * 1e3:.1f} ms"
+        )
+        print(
+            f"  share collate / (collate + step): {share['share']:.3%}  "
+            f"(target <= {SHARE_TARGET:.0%}: {verdict(share['share'] <= SHARE_TARGET)})"
+        )
 
     contention_line, contention_row = contention.report()
     print(f"\n{contention_line}\n")
-    print(markdown_table([
-        (f"collate tokens/s, masklab / transformers (MLM 0.15, {args.batch_size}x{args.block_size})",
-         f"{ratio:.1f}x ({speed['ours'] / 1e6:.1f}M vs {speed['theirs'] / 1e6:.2f}M tok/s)", f">= {SPEEDUP_TARGET:.0f}x"),
-        (f"collate share of a quickstart MEAP step (batch {share['batch_size']}x{args.block_size})",
-         f"{share['share']:.2%} ({share['collate'] * 1e3:.2f} ms of {(share['collate'] + share['step']) * 1e3:.0f} ms)",
-         f"<= {SHARE_TARGET:.0%}"),
-        contention_row,
-    ]))
+    print(
+        markdown_table(
+            [
+                (
+                    f"collate tokens/s, masklab / transformers (MLM 0.15, {args.batch_size}x{args.block_size})",
+                    f"{ratio:.1f}x ({speed['ours'] / 1e6:.1f}M vs {speed['theirs'] / 1e6:.2f}M tok/s)",
+                    f">= {SPEEDUP_TARGET:.0f}x",
+                ),
+                (
+                    f"collate share of a quickstart MEAP step (batch {share['batch_size']}x{args.block_size})",
+                    f"{share['share']:.2%} ({share['collate'] * 1e3:.2f} ms of {(share['collate'] + share['step']) * 1e3:.0f} ms)",
+                    f"<= {SHARE_TARGET:.0%}",
+                ),
+                contention_row,
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

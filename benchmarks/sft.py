@@ -58,8 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     processed = {name: sum(b["input_ids"].numel() for b in bs) for name, bs in batches.items()}
 
     torch.manual_seed(0)
-    module = CausalLMModule(vocab=dm.model_vocab, block_size=dm.block_size, hidden_size=128, num_layers=2, num_heads=4,
-                            num_kv_heads=2, max_position_embeddings=1024)
+    module = CausalLMModule(
+        vocab=dm.model_vocab,
+        block_size=dm.block_size,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    )
     optimizer = module.build_optimizer()
 
     step = step_timer(module, optimizer)
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in POLICIES}
     names = list(POLICIES)
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for index in range(len(groups)):
             for name in order:
                 times[name].append(step(batches[name][index]))
@@ -83,13 +90,25 @@ def main(argv: list[str] | None = None) -> None:
         ("original tokens (same for every policy)", f"{original}", "—"),
     ]
     for name in POLICIES:
-        rows.append((f"{name}: tokens processed (incl. padding, copies)", f"{processed[name]} ({processed[name] / processed[base]:.2f}×)", "—"))
+        rows.append(
+            (
+                f"{name}: tokens processed (incl. padding, copies)",
+                f"{processed[name]} ({processed[name] / processed[base]:.2f}×)",
+                "—",
+            )
+        )
         rows.append((f"{name}: median step time, ms", f"{1000 * per_pass[name] / len(groups):.0f}", "—"))
         rows.append((f"{name}: original tokens/s", f"{original / per_pass[name]:.0f}", "—"))
     for name, power, what in (("MEAP concat", 2, "token ratio²"), ("MEAP separate_rows", 1, "token ratio")):
         ratio = per_pass[name] / per_pass[base]
         bound = 1.1 * (processed[name] / processed[base]) ** power
-        rows.append((f"{name} / plain SFT step time", f"{ratio:.2f}×", f"≤ 1.1 × {what} ({bound:.2f}×): {verdict(ratio <= bound)}"))
+        rows.append(
+            (
+                f"{name} / plain SFT step time",
+                f"{ratio:.2f}×",
+                f"≤ 1.1 × {what} ({bound:.2f}×): {verdict(ratio <= bound)}",
+            )
+        )
     line, row = contention.report()
     rows.append(row)
     print(markdown_table(rows))

@@ -207,7 +207,9 @@ def fixed_overhead(dm: PretrainingDataModule, batch: dict[str, torch.Tensor], ar
     overhead stands out of the noise that hides it beside a 100 ms step."""
     torch.manual_seed(0)
     tiny = PlainAdamWModule(
-        vocab=dm.model_vocab, block_size=dm.block_size, **dict(quickstart_model_args(), hidden_size=16, intermediate_size=16)
+        vocab=dm.model_vocab,
+        block_size=dm.block_size,
+        **dict(quickstart_model_args(), hidden_size=16, intermediate_size=16),
     )
     tiny_batch = {name: t[:2, :16] for name, t in batch.items()}
     settings = argparse.Namespace(steps=args.overhead_steps, skip=5, rounds=args.overhead_rounds)
@@ -217,21 +219,31 @@ def fixed_overhead(dm: PretrainingDataModule, batch: dict[str, torch.Tensor], ar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per batch (default: quickstart.yaml's data.batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per batch (default: quickstart.yaml's data.batch_size)"
+    )
     parser.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default: quickstart.yaml's)")
     parser.add_argument("--batches", type=int, default=8, help="distinct batches cycled in the MEAP/NTP comparison")
     parser.add_argument("--repeats", type=int, default=100, help="timed MEAP/NTP(/control) step groups")
     parser.add_argument("--warmup", type=int, default=5, help="untimed MEAP/NTP(/control) step groups")
-    parser.add_argument("--no-control", dest="control", action="store_false",
-                        help="skip the A/A control (a second NTP step per repeat) of the MEAP/NTP comparison")
+    parser.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the A/A control (a second NTP step per repeat) of the MEAP/NTP comparison",
+    )
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per Trainer / plain run")
     parser.add_argument("--skip", type=int, default=2, help="first steps of each run left out of its timing")
     parser.add_argument("--rounds", type=int, default=16, help="timed alternating Trainer / plain runs per side")
-    parser.add_argument("--overhead-steps", type=int, default=30,
-                        help="steps per run of the fixed-overhead measurement (tiny model)")
-    parser.add_argument("--overhead-rounds", type=int, default=12,
-                        help="timed alternating runs per side of the fixed-overhead measurement")
+    parser.add_argument(
+        "--overhead-steps", type=int, default=30, help="steps per run of the fixed-overhead measurement (tiny model)"
+    )
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=12,
+        help="timed alternating runs per side of the fixed-overhead measurement",
+    )
     parser.add_argument("--documents", type=int, default=300, help="documents of the built-in corpus")
     parser.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: quickstart.yaml's)")
     args = parser.parse_args(argv)
@@ -250,7 +262,9 @@ def main() -> None:
     data = quickstart_data_args()
     batch_size = args.batch_size or data["batch_size"]
     block_size = args.block_size or data["block_size"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quickstart model, batch {batch_size} x {block_size}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; quickstart model, batch {batch_size} x {block_size}"
+    )
     with tiny_datamodule(
         MEAPInputMask(),
         builtin_documents=args.documents,
@@ -261,8 +275,12 @@ def main() -> None:
         model = quickstart_model(dm, PlainAdamWModule)
         meap = meap_vs_ntp(model, dm, batch_size, args)
         print(f"\nMEAP vs NTP optimiser step, medians of {args.repeats} interleaved repeats:")
-        print(f"  MEAP {meap['meap'] * 1e3:.1f} ms (masked share {meap['masked']:.3f})   NTP {meap['ntp'] * 1e3:.1f} ms")
-        print(f"  ratio MEAP / NTP: {meap['ratio']:.3f}  (target <= {MEAP_TARGET}: {verdict(meap['ratio'] <= MEAP_TARGET)})")
+        print(
+            f"  MEAP {meap['meap'] * 1e3:.1f} ms (masked share {meap['masked']:.3f})   NTP {meap['ntp'] * 1e3:.1f} ms"
+        )
+        print(
+            f"  ratio MEAP / NTP: {meap['ratio']:.3f}  (target <= {MEAP_TARGET}: {verdict(meap['ratio'] <= MEAP_TARGET)})"
+        )
         noise = f"halves {meap['halves'][0]:.3f} / {meap['halves'][1]:.3f}"
         if meap["control"] is not None:
             noise += f"; A/A control NTP / NTP {meap['control']:.3f}"
@@ -270,31 +288,52 @@ def main() -> None:
 
         batch = MaskingCollator(dm.policy, dm.vocab, seed=0)(samples(dm, batch_size))
         loop = trainer_vs_plain(model, batch, args)
-        print(f"\nLightning Trainer vs plain loop, {args.rounds} alternating rounds of {args.steps} steps, "
-              f"medians of {loop['timed']} step intervals per side:")
+        print(
+            f"\nLightning Trainer vs plain loop, {args.rounds} alternating rounds of {args.steps} steps, "
+            f"medians of {loop['timed']} step intervals per side:"
+        )
         print(f"  Trainer {loop['trainer'] * 1e3:.1f} ms/step   plain {loop['plain'] * 1e3:.1f} ms/step")
-        print(f"  throughput ratio Trainer / plain: {loop['ratio']:.3f}  "
-              f"(target >= {TRAINER_TARGET}: {verdict(loop['ratio'] >= TRAINER_TARGET)})")
+        print(
+            f"  throughput ratio Trainer / plain: {loop['ratio']:.3f}  "
+            f"(target >= {TRAINER_TARGET}: {verdict(loop['ratio'] >= TRAINER_TARGET)})"
+        )
         print(f"  noise: halves {loop['halves'][0]:.3f} / {loop['halves'][1]:.3f}")
 
         fixed = fixed_overhead(dm, batch, args)
         implied = loop["plain"] / (loop["plain"] + fixed["overhead"])
-        print(f"\nLightning's fixed per-step cost, same comparison on a tiny model of the same depth "
-              f"(hidden 16, batch 2 x 16): Trainer {fixed['trainer'] * 1e3:.2f} ms/step, plain {fixed['plain'] * 1e3:.2f} ms/step")
-        print(f"  overhead {fixed['overhead'] * 1e3:.2f} ms/step; implied Trainer / plain at quickstart size: {implied:.3f}  "
-              f"(target >= {TRAINER_TARGET}: {verdict(implied >= TRAINER_TARGET)})")
+        print(
+            f"\nLightning's fixed per-step cost, same comparison on a tiny model of the same depth "
+            f"(hidden 16, batch 2 x 16): Trainer {fixed['trainer'] * 1e3:.2f} ms/step, plain {fixed['plain'] * 1e3:.2f} ms/step"
+        )
+        print(
+            f"  overhead {fixed['overhead'] * 1e3:.2f} ms/step; implied Trainer / plain at quickstart size: {implied:.3f}  "
+            f"(target >= {TRAINER_TARGET}: {verdict(implied >= TRAINER_TARGET)})"
+        )
 
     contention_line, contention_row = contention.report()
     print(f"\n{contention_line}\n")
-    print(markdown_table([
-        (f"step time MEAP / NTP (quickstart model, batch {batch_size}x{block_size})",
-         f"{meap['ratio']:.3f} ({meap['meap'] * 1e3:.0f} vs {meap['ntp'] * 1e3:.0f} ms)", f"<= {MEAP_TARGET}"),
-        ("throughput Lightning Trainer / plain PyTorch loop",
-         f"{loop['ratio']:.3f} ({loop['trainer'] * 1e3:.0f} vs {loop['plain'] * 1e3:.0f} ms/step)", f">= {TRAINER_TARGET}"),
-        ("same, from Lightning's fixed per-step overhead (tiny model)",
-         f"{implied:.3f} ({fixed['overhead'] * 1e3:.1f} ms per {loop['plain'] * 1e3:.0f} ms step)", f">= {TRAINER_TARGET}"),
-        contention_row,
-    ]))
+    print(
+        markdown_table(
+            [
+                (
+                    f"step time MEAP / NTP (quickstart model, batch {batch_size}x{block_size})",
+                    f"{meap['ratio']:.3f} ({meap['meap'] * 1e3:.0f} vs {meap['ntp'] * 1e3:.0f} ms)",
+                    f"<= {MEAP_TARGET}",
+                ),
+                (
+                    "throughput Lightning Trainer / plain PyTorch loop",
+                    f"{loop['ratio']:.3f} ({loop['trainer'] * 1e3:.0f} vs {loop['plain'] * 1e3:.0f} ms/step)",
+                    f">= {TRAINER_TARGET}",
+                ),
+                (
+                    "same, from Lightning's fixed per-step overhead (tiny model)",
+                    f"{implied:.3f} ({fixed['overhead'] * 1e3:.1f} ms per {loop['plain'] * 1e3:.0f} ms step)",
+                    f">= {TRAINER_TARGET}",
+                ),
+                contention_row,
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -109,7 +109,9 @@ class AdaptiveMaskingCallback(L.Callback):
             raise_if_any([f"AdaptiveMaskingCallback.floor={self.floor} must be below the mask ratio {policy.ratio}"])
         if self.scoring == "entropy" and self.entropy_source == "teacher":
             if self.teacher is None:
-                self.teacher = load_teacher(self.teacher_path, pl_module.vocab["tokens"], "AdaptiveMaskingCallback.teacher_path")
+                self.teacher = load_teacher(
+                    self.teacher_path, pl_module.vocab["tokens"], "AdaptiveMaskingCallback.teacher_path"
+                )
         else:
             pl_module.collect_entropy = pl_module.collect_entropy or self.scoring == "entropy"
         if not self.counters:
@@ -117,7 +119,9 @@ class AdaptiveMaskingCallback(L.Callback):
 
     def _reset(self, vocab_size: int, device: torch.device) -> None:
         self.counters = {
-            name: torch.zeros(vocab_size, dtype=torch.float32 if name in ("masked_loss", "entropy") else torch.int64, device=device)
+            name: torch.zeros(
+                vocab_size, dtype=torch.float32 if name in ("masked_loss", "entropy") else torch.int64, device=device
+            )
             for name in COUNTERS
         }
 
@@ -126,7 +130,9 @@ class AdaptiveMaskingCallback(L.Callback):
 
     # ---- every step: accumulate on the device ------------------------------------------------
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stats = outputs["token_stats"]
         if self.teacher is not None:
             stats = dataclasses.replace(stats, entropy=self.teacher_entropy(pl_module, batch, stats))
@@ -169,7 +175,9 @@ class AdaptiveMaskingCallback(L.Callback):
         for c in self.counters.values():
             c.zero_()
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: Tensor, counters: dict[str, Tensor]) -> None:
+    def _log(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, weights: Tensor, counters: dict[str, Tensor]
+    ) -> None:
         """`mask/prob_mean` / `mask/prob_std`: mean and spread of the masking probability a token
         occurrence gets, p · w_t / E[w] with E over the occurrences of the last window (sampling
         renormalises per sequence, so w_t itself is only a relative weight)."""

@@ -56,10 +56,18 @@ def by_position(entropy: Tensor, correct: Tensor, loss: Tensor, rank: Tensor, ma
     """
     buckets = []
     earlier = rank > max_offset
-    buckets.append({"position": f"<=-{max_offset + 1}", "name": "earlier", **_bucket(entropy[earlier], correct[earlier], loss[earlier])})
+    buckets.append(
+        {
+            "position": f"<=-{max_offset + 1}",
+            "name": "earlier",
+            **_bucket(entropy[earlier], correct[earlier], loss[earlier]),
+        }
+    )
     for k in range(max_offset, 0, -1):
         at = rank == k
-        buckets.append({"position": f"-{k}", "name": POSITION_NAMES.get(k, f"-{k}"), **_bucket(entropy[at], correct[at], loss[at])})
+        buckets.append(
+            {"position": f"-{k}", "name": POSITION_NAMES.get(k, f"-{k}"), **_bucket(entropy[at], correct[at], loss[at])}
+        )
     cut = rank == 0
     buckets.append({"position": "cut", "name": "unfinished sentence", **_bucket(entropy[cut], correct[cut], loss[cut])})
     return buckets
@@ -81,7 +89,13 @@ class EntropyAnalysisCallback(L.Callback):
         max_offset: positions from the sentence end logged one by one.
     """
 
-    def __init__(self, every_n_steps: int = 250, batches: int = 2, forking_threshold: float = FORKING_THRESHOLD, max_offset: int = 3) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        batches: int = 2,
+        forking_threshold: float = FORKING_THRESHOLD,
+        max_offset: int = 3,
+    ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"EntropyAnalysisCallback.every_n_steps must be >= 1, got {every_n_steps}")
         if batches < 1:

@@ -17,7 +17,13 @@ from lightning_modules.teacher import load_teacher
 
 
 def choose_by_entropy(
-    entropy: Tensor, maskable: Tensor, ratio: float, selection: str, strategy: str, temperature: float, generator: torch.Generator
+    entropy: Tensor,
+    maskable: Tensor,
+    ratio: float,
+    selection: str,
+    strategy: str,
+    temperature: float,
+    generator: torch.Generator,
 ) -> Tensor:
     """Exactly round(ratio · maskable count) positions per sequence, [B, L] bool.
 
@@ -75,19 +81,29 @@ class EntropyMaskingCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         policy = trainer.datamodule.policy
         if not isinstance(policy, EntropyPositionMask):
-            raise_if_any([f"EntropyMaskingCallback needs data.masking=EntropyPositionMask, got {type(policy).__name__}"])
+            raise_if_any(
+                [f"EntropyMaskingCallback needs data.masking=EntropyPositionMask, got {type(policy).__name__}"]
+            )
         self.policy = policy
         if self.source == "teacher" and self.teacher is None:
-            self.teacher = load_teacher(self.teacher_path, pl_module.vocab["tokens"], "EntropyMaskingCallback.teacher_path")
+            self.teacher = load_teacher(
+                self.teacher_path, pl_module.vocab["tokens"], "EntropyMaskingCallback.teacher_path"
+            )
         self._vocab: Vocab | None = None
 
     def _device_vocab(self, vocab: Vocab, device: torch.device) -> Vocab:
         if self._vocab is None or self._vocab.is_special.device != device:
-            tensors = {f.name: getattr(vocab, f.name).to(device) for f in dataclasses.fields(vocab) if isinstance(getattr(vocab, f.name), Tensor)}
+            tensors = {
+                f.name: getattr(vocab, f.name).to(device)
+                for f in dataclasses.fields(vocab)
+                if isinstance(getattr(vocab, f.name), Tensor)
+            }
             self._vocab = dataclasses.replace(vocab, **tensors)
         return self._vocab
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Tensor], batch_idx: int
+    ) -> None:
         ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         model = self.teacher.to(ids.device) if self.teacher is not None else pl_module.model
         was_training = model.training
@@ -97,10 +113,14 @@ class EntropyMaskingCallback(L.Callback):
         model.train(was_training)
         block = TokenBlock.from_ids(ids, self._device_vocab(trainer.datamodule.vocab, ids.device))
         generator = torch.Generator(device=ids.device).manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        chosen = choose_by_entropy(entropy, ~block.special, self.policy.ratio, self.selection, self.strategy, self.temperature, generator)
+        chosen = choose_by_entropy(
+            entropy, ~block.special, self.policy.ratio, self.selection, self.strategy, self.temperature, generator
+        )
         batch.update(corrupt_mlm(block, chosen, generator, self.policy.mask_prob, self.policy.random_prob))
         maskable = ~block.special
-        pl_module.log_dict({
-            "mask/entropy_mean_chosen": entropy[chosen].mean() if chosen.any() else entropy.new_zeros(()),
-            "mask/entropy_mean_all": entropy[maskable].mean(),
-        })
+        pl_module.log_dict(
+            {
+                "mask/entropy_mean_chosen": entropy[chosen].mean() if chosen.any() else entropy.new_zeros(()),
+                "mask/entropy_mean_all": entropy[maskable].mean(),
+            }
+        )

@@ -27,7 +27,9 @@ class EvaluationCallback(L.Callback):
     """
 
     def __init__(self, suites: dict[str, dict[str, Any] | None], every_n_steps: int | None = None) -> None:
-        self.options = {name: options_for(name, values) for name, values in suites.items()}  # a bad key fails before training
+        self.options = {
+            name: options_for(name, values) for name, values in suites.items()
+        }  # a bad key fails before training
         self.every_n_steps = every_n_steps
         self._last: tuple[int, dict] | None = None  # (step, results) of the latest periodic evaluation
         self.run_dir: Path | None = None
@@ -58,10 +60,18 @@ class EvaluationCallback(L.Callback):
         pl_module.eval()
         try:
             model = pl_module.export_model().eval()  # a copy for n-hot models: put it in eval mode too
-            loaded = LoadedModel(model, datamodule.tokenizer, vocab_of(datamodule.tokenizer), pl_module.objective, run_config={"data": {"init_args": data}})
+            loaded = LoadedModel(
+                model,
+                datamodule.tokenizer,
+                vocab_of(datamodule.tokenizer),
+                pl_module.objective,
+                run_config={"data": {"init_args": data}},
+            )
             results = run_suites(loaded, self.options)
         finally:
             pl_module.train(was_training)
         self._last = (trainer.global_step, results)
         writer = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
-        save_results(results, run_dir / "eval", run_dir / "metrics.json" if final else None, writer, trainer.global_step)
+        save_results(
+            results, run_dir / "eval", run_dir / "metrics.json" if final else None, writer, trainer.global_step
+        )

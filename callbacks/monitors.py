@@ -13,7 +13,9 @@ class MaskRatioLogger(L.Callback):
     real tokens the batch actually masked (they differ for policies whose budget is not the
     ratio, e.g. penultimate-token masking)."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, *args: Any
+    ) -> None:
         share = batch["masked"].sum() / batch["attention_mask"].sum().clamp_min(1)
         pl_module.log_dict({"mask/ratio": trainer.datamodule.policy.ratio, "mask/share": share.float()})
 

@@ -26,9 +26,17 @@ class MaskRatioSchedule(L.Callback):
     """
 
     def __init__(
-        self, start: float = 0.4, end: float = 0.15, shape: Literal["linear", "cosine"] = "linear", steps: int | None = None
+        self,
+        start: float = 0.4,
+        end: float = 0.15,
+        shape: Literal["linear", "cosine"] = "linear",
+        steps: int | None = None,
     ) -> None:
-        errors = [f"MaskRatioSchedule.{k} must be in [0, 1], got {v}" for k, v in (("start", start), ("end", end)) if not 0 <= v <= 1]
+        errors = [
+            f"MaskRatioSchedule.{k} must be in [0, 1], got {v}"
+            for k, v in (("start", start), ("end", end))
+            if not 0 <= v <= 1
+        ]
         if end > start:
             errors.append(f"MaskRatioSchedule.end={end} is above start={start}: the schedule decays")
         if shape not in ("linear", "cosine"):

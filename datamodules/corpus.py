@@ -89,7 +89,9 @@ class BuiltinCorpus:
             facts.append((name, attribute, value))
             body.insert(int(rng.integers(0, len(body) // 2 + 1)), f"The {attribute} of {name} is {value}.")
         for name, attribute, value in facts:
-            body.insert(int(rng.integers(len(body) // 2, len(body) + 1)), f"Recall: the {attribute} of {name} is {value}.")
+            body.insert(
+                int(rng.integers(len(body) // 2, len(body) + 1)), f"Recall: the {attribute} of {name} is {value}."
+            )
         paragraphs = [" ".join(body[i : i + 5]) for i in range(0, len(body), 5)]
         return "\n".join(paragraphs)
 

@@ -71,9 +71,13 @@ def read_jsonl(files: list[Path], prompt_field: str, answer_field: str) -> list[
                     raise DataError(f"{where}: not a JSON object")
                 for name in (prompt_field, answer_field):
                     if name not in record:
-                        raise DataError(f"{where}: no {name!r} field (fields: {sorted(record)}); "
-                                        "set data.prompt_field / data.answer_field")
-                pairs.append(_check_pair(record[prompt_field], record[answer_field], where, (prompt_field, answer_field)))
+                        raise DataError(
+                            f"{where}: no {name!r} field (fields: {sorted(record)}); "
+                            "set data.prompt_field / data.answer_field"
+                        )
+                pairs.append(
+                    _check_pair(record[prompt_field], record[answer_field], where, (prompt_field, answer_field))
+                )
     if not pairs:
         raise DataError(f"{', '.join(map(str, files[:3]))}: no samples")
     return pairs
@@ -84,11 +88,15 @@ def read_hf(name: str, config: str | None, split: str, prompt_field: str, answer
     dataset = open_hf_split(name, config, split)
     missing = [f for f in (prompt_field, answer_field) if f not in dataset.column_names]
     if missing:
-        raise DataError(f"data.hf_dataset {name!r}: no column {missing[0]!r} (columns: {dataset.column_names}); "
-                        "set data.prompt_field / data.answer_field")
+        raise DataError(
+            f"data.hf_dataset {name!r}: no column {missing[0]!r} (columns: {dataset.column_names}); "
+            "set data.prompt_field / data.answer_field"
+        )
     fields = (prompt_field, answer_field)
-    return [_check_pair(p, a, f"{name} split {split!r} row {i}", fields)
-            for i, (p, a) in enumerate(zip(dataset[prompt_field], dataset[answer_field]))]
+    return [
+        _check_pair(p, a, f"{name} split {split!r} row {i}", fields)
+        for i, (p, a) in enumerate(zip(dataset[prompt_field], dataset[answer_field]))
+    ]
 
 
 @dataclass
@@ -105,8 +113,15 @@ class PreparedSplit:
         return f"{len(self.ids)} of {self.source_samples} samples kept" + (f" ({changes})" if changes else "")
 
 
-def encode(pairs: list[Pair], tokenizer: PreTrainedTokenizerBase, vocab: Vocab, prompt_template: str,
-           answer_template: str, block_size: int, truncation: str) -> PreparedSplit:
+def encode(
+    pairs: list[Pair],
+    tokenizer: PreTrainedTokenizerBase,
+    vocab: Vocab,
+    prompt_template: str,
+    answer_template: str,
+    block_size: int,
+    truncation: str,
+) -> PreparedSplit:
     """Template, tokenise and fit every pair into `block_size`, counting every cut and drop.
 
     `prompt_start` cuts the start of the prompt (a long-context prompt ends with its question)
@@ -115,8 +130,12 @@ def encode(pairs: list[Pair], tokenizer: PreTrainedTokenizerBase, vocab: Vocab, 
     block (no answer token left) is dropped and counted instead of raising; `drop` drops every
     sample longer than the block.
     """
-    prompts = tokenizer([prompt_template.replace("{prompt}", p) for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([answer_template.replace("{answer}", a) for _, a in pairs], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([prompt_template.replace("{prompt}", p) for p, _ in pairs], add_special_tokens=False)[
+        "input_ids"
+    ]
+    answers = tokenizer([answer_template.replace("{answer}", a) for _, a in pairs], add_special_tokens=False)[
+        "input_ids"
+    ]
     room = block_size - 2  # BOS and EOS
     prepared = PreparedSplit([], [], len(pairs))
     for prompt, answer in zip(prompts, answers):  # a loop over samples, once per run
@@ -253,12 +272,25 @@ class FineTuneDataModule(PretrainingDataModule):
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         policy = masking if masking is not None else PlainSFT()
         super().__init__(
-            masking=policy, mask_ratio=policy.ratio, builtin_documents=builtin_documents, val_fraction=val_fraction,
-            tokenizer_path=str(model_folder(tokenizer_path)) if tokenizer_path else None, vocab_size=vocab_size,
-            block_size=block_size, batch_size=batch_size, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+            masking=policy,
+            mask_ratio=policy.ratio,
+            builtin_documents=builtin_documents,
+            val_fraction=val_fraction,
+            tokenizer_path=str(model_folder(tokenizer_path)) if tokenizer_path else None,
+            vocab_size=vocab_size,
+            block_size=block_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            cache_dir=cache_dir,
         )
         self.data_path, self.val_data_path = data_path, val_data_path
-        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = hf_dataset, hf_config, hf_split, hf_val_split
+        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
+            hf_dataset,
+            hf_config,
+            hf_split,
+            hf_val_split,
+        )
         self.prompt_field, self.answer_field = prompt_field, answer_field
         self.prompt_template, self.answer_template = prompt_template, answer_template
         self.truncation = truncation
@@ -309,7 +341,9 @@ class FineTuneDataModule(PretrainingDataModule):
                 return read_hf(self.hf_dataset, self.hf_config, self.hf_val_split, *fields)
             pairs = read_hf(self.hf_dataset, self.hf_config, self.hf_split, *fields)
             return self._holdout(pairs, split) if not self.hf_val_split else pairs
-        count = self.builtin_documents if split == "train" else max(8, round(self.builtin_documents * self.val_fraction))
+        count = (
+            self.builtin_documents if split == "train" else max(8, round(self.builtin_documents * self.val_fraction))
+        )
         return [(e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(count, split)]
 
     def _holdout(self, pairs: list[Pair], split: str) -> list[Pair]:
@@ -322,24 +356,38 @@ class FineTuneDataModule(PretrainingDataModule):
 
     def _texts(self, split: str) -> HFDataset:
         """The text a new BPE is trained on."""
-        return HFDataset.from_dict({"text": [
-            self.prompt_template.replace("{prompt}", p) + self.answer_template.replace("{answer}", a)
-            for p, a in self.pairs(split)
-        ]})
+        return HFDataset.from_dict(
+            {
+                "text": [
+                    self.prompt_template.replace("{prompt}", p) + self.answer_template.replace("{answer}", a)
+                    for p, a in self.pairs(split)
+                ]
+            }
+        )
 
     def prepare(self, split: str) -> PreparedSplit:
         """Tokenise and fit one split, and report what fitting it cut or dropped."""
-        prepared = encode(self.pairs(split), self.tokenizer, self.vocab, self.prompt_template, self.answer_template,
-                          self.block_size, self.truncation)
+        prepared = encode(
+            self.pairs(split),
+            self.tokenizer,
+            self.vocab,
+            self.prompt_template,
+            self.answer_template,
+            self.block_size,
+            self.truncation,
+        )
         if not prepared.ids:
             raise DataError(f"data ({split}): no sample fits data.block_size={self.block_size}: {prepared.summary()}")
         lengths = torch.tensor([len(ids) for ids in prepared.ids])
-        answer_tokens = torch.tensor([max(end - start - (end == len(ids)), 0)
-                                      for ids, (start, end) in zip(prepared.ids, prepared.answer_spans)])
+        answer_tokens = torch.tensor(
+            [max(end - start - (end == len(ids)), 0) for ids, (start, end) in zip(prepared.ids, prepared.answer_spans)]
+        )
         qualifies, with_copy = self.policy.copy_plan(lengths, answer_tokens, self.block_size)
         if split == "train" and (qualifies & ~with_copy).any():
-            prepared.events["MEAP copies dropped: no room for the concatenated copy (raise data.block_size or use "
-                            "layout: separate_rows); these samples train as plain SFT"] += int((qualifies & ~with_copy).sum())
+            prepared.events[
+                "MEAP copies dropped: no room for the concatenated copy (raise data.block_size or use "
+                "layout: separate_rows); these samples train as plain SFT"
+            ] += int((qualifies & ~with_copy).sum())
         if prepared.events:
             rank_zero_warn(f"data ({split}): {prepared.summary()}")
         return prepared
@@ -392,4 +440,4 @@ def _policy_errors(args: dict) -> list[str]:
     if str(class_path).rsplit(".", 1)[-1] != MEAPFineTuneCollate.__name__:
         return []
     prefix = "masking.init_args."
-    return MEAPFineTuneCollate.config_errors(**{k[len(prefix):]: v for k, v in args.items() if k.startswith(prefix)})
+    return MEAPFineTuneCollate.config_errors(**{k[len(prefix) :]: v for k, v in args.items() if k.startswith(prefix)})

@@ -145,8 +145,14 @@ class MEAPFineTuneCollate(FineTunePolicy):
         self.layout, self.copy_loss, self.mask_span, self.redraw = layout, copy_loss, mask_span, redraw
 
     @staticmethod
-    def config_errors(ratio=0.10, min_answer_tokens=50, layout="concat", copy_loss="answer_and_masked",
-                      mask_span="whole_copy", redraw="per_step") -> list[str]:
+    def config_errors(
+        ratio=0.10,
+        min_answer_tokens=50,
+        layout="concat",
+        copy_loss="answer_and_masked",
+        mask_span="whole_copy",
+        redraw="per_step",
+    ) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
         errors = []
         if not 0.0 <= float(ratio) <= 1.0:
@@ -206,12 +212,15 @@ class MEAPFineTuneCollate(FineTunePolicy):
         return _concatenate(original, copy, lengths, with_copy, block.vocab.pad_id)
 
     def __repr__(self) -> str:
-        return (f"MEAPFineTuneCollate(ratio={self.ratio:.3f}, min_answer_tokens={self.min_answer_tokens}, "
-                f"layout={self.layout}, copy_loss={self.copy_loss}, mask_span={self.mask_span}, redraw={self.redraw})")
+        return (
+            f"MEAPFineTuneCollate(ratio={self.ratio:.3f}, min_answer_tokens={self.min_answer_tokens}, "
+            f"layout={self.layout}, copy_loss={self.copy_loss}, mask_span={self.mask_span}, redraw={self.redraw})"
+        )
 
 
-def _concatenate(original: dict[str, Tensor], copy: dict[str, Tensor], lengths: Tensor, with_copy: Tensor,
-                 pad_id: int) -> dict[str, Tensor]:
+def _concatenate(
+    original: dict[str, Tensor], copy: dict[str, Tensor], lengths: Tensor, with_copy: Tensor, pad_id: int
+) -> dict[str, Tensor]:
     """Rows `original[:n] + copy[:n]` (just `original[:n]` where there is no copy), right-padded
     to the longest. Built with one gather per tensor, no loop over samples."""
     total = lengths * (1 + with_copy.long())  # [B]

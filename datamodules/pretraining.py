@@ -120,7 +120,12 @@ class PretrainingDataModule(L.LightningDataModule):
         self.policy = masking if masking is not None else NoMask()
         self.policy.ratio = mask_ratio
         self.data_path, self.val_data_path = data_path, val_data_path
-        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = hf_dataset, hf_config, hf_split, hf_val_split
+        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
+            hf_dataset,
+            hf_config,
+            hf_split,
+            hf_val_split,
+        )
         self.text_column = text_column
         self.builtin_documents = builtin_documents
         self.val_fraction = val_fraction
@@ -163,7 +168,9 @@ class PretrainingDataModule(L.LightningDataModule):
             files = text_files(self.data_path, "data.data_path")
             return stable_hash("files", files_fingerprint(files), self.val_data_path, self.val_fraction, self.seed)
         if self.hf_dataset:
-            return stable_hash("hf", self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column)
+            return stable_hash(
+                "hf", self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
+            )
         return stable_hash("builtin", self.seed, self.builtin_documents)
 
     @cached_property
@@ -182,7 +189,10 @@ class PretrainingDataModule(L.LightningDataModule):
         """What the model needs of the tokenizer (ids for its config, token strings for n-hot
         embeddings); linked to `model.vocab` by the CLI."""
         tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab.size)))
-        return {**self.vocab.as_dict(), "tokens": ["" if s else t for t, s in zip(tokens, self.vocab.is_special.tolist())]}
+        return {
+            **self.vocab.as_dict(),
+            "tokens": ["" if s else t for t, s in zip(tokens, self.vocab.is_special.tolist())],
+        }
 
     # ---- text and blocks ---------------------------------------------------------------------
 
@@ -197,7 +207,9 @@ class PretrainingDataModule(L.LightningDataModule):
                 return load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_val_split, self.text_column)
             dataset = load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_split, self.text_column)
             return self._holdout(dataset, split) if not self.hf_val_split else dataset
-        documents = self.builtin_documents if split == "train" else max(1, round(self.builtin_documents * self.val_fraction))
+        documents = (
+            self.builtin_documents if split == "train" else max(1, round(self.builtin_documents * self.val_fraction))
+        )
         return builtin_dataset(self.seed, documents, split)
 
     def _holdout(self, dataset: HFDataset, split: str) -> HFDataset:
@@ -210,7 +222,9 @@ class PretrainingDataModule(L.LightningDataModule):
         tokenizer_key = self.tokenizer_path or stable_hash("bpe", self.source_key, self.vocab_size)
         path = self.cache_dir / "blocks" / f"{stable_hash(self.source_key, tokenizer_key, split, self.block_size)}.npy"
         if not path.exists():
-            blocks = pack(tokenize(self._texts(split), self.tokenizer), self.vocab.bos_id, self.vocab.eos_id, self.block_size)
+            blocks = pack(
+                tokenize(self._texts(split), self.tokenizer), self.vocab.bos_id, self.vocab.eos_id, self.block_size
+            )
             if len(blocks) == 0:
                 raise DataError(f"data: the {split} text is shorter than one block of {self.block_size} tokens")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +257,9 @@ class PretrainingDataModule(L.LightningDataModule):
     def _sampler(self, dataset: Dataset, shuffle: bool) -> ResumableSampler:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        return ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle)
+        return ResumableSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
+        )
 
     def train_dataloader(self) -> DataLoader:
         dataset = IndexedBlocks(self.train_blocks)
@@ -264,7 +280,10 @@ class PretrainingDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         dataset = TensorDictDataset(self.val_batches)
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=self._sampler(dataset, shuffle=False), pin_memory=self.pin_memory,
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler(dataset, shuffle=False),
+            pin_memory=self.pin_memory,
             generator=self._private_generator(),
         )
 

@@ -50,7 +50,9 @@ class QACorpus:
         if max_facts < 2:
             raise ValueError(f"max_facts must be >= 2, got {max_facts}")
         if not 1 <= record_facts[0] <= record_facts[1] <= len(RECORD_ATTRIBUTES):
-            raise ValueError(f"record_facts must satisfy 1 <= low <= high <= {len(RECORD_ATTRIBUTES)}, got {record_facts}")
+            raise ValueError(
+                f"record_facts must satisfy 1 <= low <= high <= {len(RECORD_ATTRIBUTES)}, got {record_facts}"
+            )
         self.world = BuiltinCorpus(seed)
         self.seed = seed
         self.max_facts = max_facts

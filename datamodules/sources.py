@@ -54,14 +54,18 @@ def open_hf_split(name: str, config: str | None, split: str) -> Dataset:
             return loaded[split] if hasattr(loaded, "keys") else loaded
         return load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many types; the user needs the source named
-        raise DataError(f"data.hf_dataset: could not load {name!r} (config {config!r}, split {split!r}): {err}") from err
+        raise DataError(
+            f"data.hf_dataset: could not load {name!r} (config {config!r}, split {split!r}): {err}"
+        ) from err
 
 
 def load_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> Dataset:
     """The text column of a `datasets` source, renamed "text"."""
     dataset = open_hf_split(name, config, split)
     if text_column not in dataset.column_names:
-        raise DataError(f"data.text_column: {text_column!r} is not a column of {name!r}; columns: {dataset.column_names}")
+        raise DataError(
+            f"data.text_column: {text_column!r} is not a column of {name!r}; columns: {dataset.column_names}"
+        )
     dataset = dataset.select_columns([text_column])
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")

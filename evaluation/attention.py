@@ -103,7 +103,9 @@ def key_mass(attn: Tensor, keys: Tensor) -> Tensor:
     return torch.einsum("bhqk,bqk->bhq", attn, keys.to(attn.dtype))
 
 
-def masked_score_decay(clean: Attention, masked: Attention, is_masked: Tensor, valid: Tensor, causal: bool = True) -> Change:
+def masked_score_decay(
+    clean: Attention, masked: Attention, is_masked: Tensor, valid: Tensor, causal: bool = True
+) -> Change:
     """Relative drop of the attention other positions pay to the masked positions.
 
     For query q, keys M_q = masked positions k != q available to q; its masked score is
@@ -128,7 +130,9 @@ def key_variance(attn: Tensor, keys: Tensor) -> Tensor:
     return ((attn - mean[..., None]) ** 2 * keys).sum(-1) / count
 
 
-def variance_increase(clean: Attention, masked: Attention, is_masked: Tensor, valid: Tensor, causal: bool = True) -> Change:
+def variance_increase(
+    clean: Attention, masked: Attention, is_masked: Tensor, valid: Tensor, causal: bool = True
+) -> Change:
     """Relative increase of the variance of the attention weights over the unmasked positions.
 
     For query q, keys U_q = unmasked positions available to q (q itself included when unmasked);
@@ -143,7 +147,9 @@ def variance_increase(clean: Attention, masked: Attention, is_masked: Tensor, va
     return _change(a, b, 1.0)
 
 
-def segment_shares(attn: Attention, segments: Tensor, query_rows: Tensor, names: Sequence[str] = SEGMENTS) -> dict[str, float]:
+def segment_shares(
+    attn: Attention, segments: Tensor, query_rows: Tensor, names: Sequence[str] = SEGMENTS
+) -> dict[str, float]:
     """Share of the attention of the `query_rows` [B, L] bool that lands on each segment.
 
     share_s = mean over layers, heads and query rows q of sum_{k: segments[k] = s} A[q, k];
@@ -151,7 +157,9 @@ def segment_shares(attn: Attention, segments: Tensor, query_rows: Tensor, names:
     """
     onehot = torch.nn.functional.one_hot(segments, len(names)).float()  # [B, L, S]
     rows = query_rows.float()  # [B, L]
-    per_layer = torch.stack([torch.einsum("bhqk,bq,bks->s", layer.float(), rows, onehot) / (rows.sum() * layer.shape[1]) for layer in attn])
+    per_layer = torch.stack(
+        [torch.einsum("bhqk,bq,bks->s", layer.float(), rows, onehot) / (rows.sum() * layer.shape[1]) for layer in attn]
+    )
     return dict(zip(names, per_layer.mean(0).tolist()))
 
 
@@ -165,7 +173,9 @@ def eager_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     model.set_attn_implementation("eager")
     try:
         if model.config._attn_implementation != "eager":
-            raise DataError(f"{type(model).__name__} cannot switch to eager attention, so it returns no attention weights")
+            raise DataError(
+                f"{type(model).__name__} cannot switch to eager attention, so it returns no attention weights"
+            )
         yield model
     finally:
         model.set_attn_implementation(previous)
@@ -185,7 +195,9 @@ def probe_mask(input_ids: Tensor, vocab: Vocab, ratio: float, seed: int) -> Tens
     return (draw < ratio) & ~vocab.is_special.to(input_ids.device)[input_ids]
 
 
-def compare_runs(model: PreTrainedModel, vocab: Vocab, input_ids: Tensor, is_masked: Tensor, causal: bool) -> tuple[Change, Change]:
+def compare_runs(
+    model: PreTrainedModel, vocab: Vocab, input_ids: Tensor, is_masked: Tensor, causal: bool
+) -> tuple[Change, Change]:
     """Masked-score decay and variance increase of `input_ids` [B, L] against its copy with the
     `is_masked` [B, L] positions replaced by [MASK]."""
     if vocab.mask_id is None:
@@ -240,8 +252,10 @@ def retrieval_batch(loaded: LoadedModel, options: Options) -> tuple[Tensor, Tens
     rows = [tokenize_segments(loaded, retrieval_texts(world, rng, options.facts)) for _ in range(options.prompts)]
     length = max(len(ids) for ids, _ in rows)
     if length > loaded.context_length:
-        raise ConfigError(f"attention.facts={options.facts} makes retrieval prompts of {length} tokens, "
-                          f"longer than the model's {loaded.context_length} positions")
+        raise ConfigError(
+            f"attention.facts={options.facts} makes retrieval prompts of {length} tokens, "
+            f"longer than the model's {loaded.context_length} positions"
+        )
     ids = torch.full((len(rows), length), loaded.vocab.pad_id)
     segments = torch.full((len(rows), length), OTHER)
     for row, (row_ids, row_segments) in enumerate(rows):
@@ -254,12 +268,17 @@ def retrieval_batch(loaded: LoadedModel, options: Options) -> tuple[Tensor, Tens
 
 def option_errors(options: Options, context_length: int) -> list[str]:
     """Every problem with the options, each naming its key (empty when valid)."""
-    errors = [f"attention.{key} must be >= 1, got {getattr(options, key)}"
-              for key in ("blocks", "prompts", "facts") if getattr(options, key) < 1]
+    errors = [
+        f"attention.{key} must be >= 1, got {getattr(options, key)}"
+        for key in ("blocks", "prompts", "facts")
+        if getattr(options, key) < 1
+    ]
     if not 0.0 < options.mask_ratio < 1.0:
         errors.append(f"attention.mask_ratio must be in (0, 1), got {options.mask_ratio}")
     if options.block_size is not None and not 2 <= options.block_size <= context_length:
-        errors.append(f"attention.block_size must be in [2, {context_length}] (the model's positions), got {options.block_size}")
+        errors.append(
+            f"attention.block_size must be in [2, {context_length}] (the model's positions), got {options.block_size}"
+        )
     return errors
 
 
@@ -324,4 +343,3 @@ def run(model: LoadedModel, options: Options) -> SuiteResult:
     }
     figures = {"segments": segments_figure(shares), "per_layer": per_layer_figure(decay, variance)}
     return SuiteResult(metrics, figures, markdown_table(metrics), details)
-

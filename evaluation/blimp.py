@@ -60,9 +60,13 @@ class MinimalPair:
 def read_pair(record: dict, where: str) -> MinimalPair:
     missing = [name for name in REQUIRED_FIELDS if not isinstance(record.get(name), str)]
     if missing:
-        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (a BLiMP pair needs {', '.join(REQUIRED_FIELDS)})")
+        raise DataError(
+            f"{where}: missing field(s) {', '.join(missing)} (a BLiMP pair needs {', '.join(REQUIRED_FIELDS)})"
+        )
     # BLiMP spells one field both "syntax_semantics" and "syntax/semantics"
-    return MinimalPair(record["sentence_good"], record["sentence_bad"], record["field"].replace("/", "_"), record["UID"])
+    return MinimalPair(
+        record["sentence_good"], record["sentence_bad"], record["field"].replace("/", "_"), record["UID"]
+    )
 
 
 def read_jsonl(path: Path) -> list[MinimalPair]:
@@ -83,10 +87,15 @@ def load_pairs(options: Options) -> list[MinimalPair]:
     if (options.data is None) == (options.hf_dataset is None):
         raise ConfigError("blimp: give exactly one of blimp.data (jsonl file or folder) and blimp.hf_dataset")
     if options.hf_dataset:
-        pairs = [read_pair(r, f"{options.hf_dataset} row {i}") for i, r in enumerate(open_hf_split(options.hf_dataset, None, "train"))]
+        pairs = [
+            read_pair(r, f"{options.hf_dataset} row {i}")
+            for i, r in enumerate(open_hf_split(options.hf_dataset, None, "train"))
+        ]
     else:
         root = Path(options.data)
-        files = [root] if root.is_file() else sorted(p for p in root.glob("*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+        files = (
+            [root] if root.is_file() else sorted(p for p in root.glob("*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+        )
         if not files:
             raise DataError(f"blimp.data: {options.data!r} is neither a .jsonl(.gz) file nor a folder holding some")
         pairs = [pair for path in files for pair in read_jsonl(path)]
@@ -126,14 +135,24 @@ def plot(metrics: dict[str, float], pairs: list[MinimalPair]):
     fields = sorted({f for f, _ in paradigms})
     colours = {f: plt.cm.tab10(i) for i, f in enumerate(fields)}
     figure, axes = plt.subplots(figsize=(7, 0.22 * len(paradigms) + 1.2))
-    axes.barh([p for _, p in paradigms], [metrics[f"paradigm/{p}"] for _, p in paradigms], color=[colours[f] for f, _ in paradigms])
+    axes.barh(
+        [p for _, p in paradigms],
+        [metrics[f"paradigm/{p}"] for _, p in paradigms],
+        color=[colours[f] for f, _ in paradigms],
+    )
     axes.axvline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     handles = [Patch(color=colours[f], label=f"{f} ({metrics[f'field/{f}']:.2f})") for f in fields]
     axes.set_xlim(0, 1)
     axes.set_xlabel("accuracy (good sentence scored higher)")
     axes.set_title(f"BLiMP: {metrics['acc']:.3f} over {len(pairs)} pairs")
     axes.tick_params(axis="y", labelsize=7)
-    axes.legend(handles=[*handles, *axes.get_legend_handles_labels()[0]], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / figure.get_figheight()), ncol=3)
+    axes.legend(
+        handles=[*handles, *axes.get_legend_handles_labels()[0]],
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.6 / figure.get_figheight()),
+        ncol=3,
+    )
     figure.tight_layout()
     return figure
 

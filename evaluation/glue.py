@@ -103,17 +103,31 @@ class Task:
 
 TASKS = {
     "cola": Task(
-        "cola", "CoLA", (3, 1), ("sentence", "label"), ("mcc",), ("mcc",),
+        "cola",
+        "CoLA",
+        (3, 1),
+        ("sentence", "label"),
+        ("mcc",),
+        ("mcc",),
         train_files=(("train.tsv",), ("in_domain_train.tsv",)),
         dev_files=(("dev.tsv",), ("in_domain_dev.tsv", "out_of_domain_dev.tsv")),
     ),
     "sst2": Task("sst2", "SST-2", ("sentence", "label"), ("sentence", "label"), ("acc",), ("acc",)),
     "mrpc": Task(
-        "mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("sentence1", "sentence2", "label"),
-        ("acc", "f1"), ("acc", "f1"),
+        "mrpc",
+        "MRPC",
+        ("#1 String", "#2 String", "Quality"),
+        ("sentence1", "sentence2", "label"),
+        ("acc", "f1"),
+        ("acc", "f1"),
     ),
     "rte": Task(
-        "rte", "RTE", ("sentence1", "sentence2", "label"), ("sentence1", "sentence2", "label"), ("acc",), ("acc",),
+        "rte",
+        "RTE",
+        ("sentence1", "sentence2", "label"),
+        ("sentence1", "sentence2", "label"),
+        ("acc",),
+        ("acc",),
         labels=(("0", 0), ("1", 1), ("entailment", 0), ("not_entailment", 1)),  # HF layout and original GLUE
     ),
 }
@@ -151,7 +165,9 @@ def check_options(options: Options, context_length: int) -> None:
         if value is not None and value < 1:
             errors.append(f"glue.{key} must be >= 1, got {value}")
     if options.max_length is not None and not 8 <= options.max_length <= context_length:
-        errors.append(f"glue.max_length must be in [8, {context_length}] (the model's context), got {options.max_length}")
+        errors.append(
+            f"glue.max_length must be in [8, {context_length}] (the model's context), got {options.max_length}"
+        )
     if not 0 <= options.warmup_ratio <= 1:
         errors.append(f"glue.warmup_ratio must be in [0, 1], got {options.warmup_ratio}")
     raise_if_any(errors)
@@ -313,7 +329,10 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         decayed = [p for p in self.model.parameters() if p.ndim >= 2]  # weight matrices, not biases and norms
         others = [p for p in self.model.parameters() if p.ndim < 2]
-        groups = [{"params": decayed, "weight_decay": self.options.weight_decay}, {"params": others, "weight_decay": 0.0}]
+        groups = [
+            {"params": decayed, "weight_decay": self.options.weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(groups, lr=self.options.lr)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.options.warmup_ratio * total), total)
@@ -431,7 +450,9 @@ def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     check_options(options, loaded.context_length)
     tasks = list(dict.fromkeys(task_named(name) for name in options.tasks))  # SST-2 and sst2 run once
     if loaded.model.config.pad_token_id is None:
-        raise DataError(f"{loaded.path or 'the model'}: its config has no pad_token_id, which sequence classification needs")
+        raise DataError(
+            f"{loaded.path or 'the model'}: its config has no pad_token_id, which sequence classification needs"
+        )
     raw = {task.name: load_task(task, options) for task in tasks}  # every file is checked before any training
     max_length = options.max_length or min(DEFAULT_MAX_LENGTH, loaded.context_length)
     collate = DataCollatorWithPadding(loaded.tokenizer)

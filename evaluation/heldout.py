@@ -35,8 +35,12 @@ def heldout_blocks(texts: list[str], loaded: LoadedModel, block_size: int, max_b
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", help="held-out text file or folder (.txt, .txt.gz); default: built-in validation split")
-    parser.add_argument("--documents", type=int, default=200, help="built-in validation documents to generate (default 200)")
+    parser.add_argument(
+        "--text", help="held-out text file or folder (.txt, .txt.gz); default: built-in validation split"
+    )
+    parser.add_argument(
+        "--documents", type=int, default=200, help="built-in validation documents to generate (default 200)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in corpus (default 0, as in training)")
     parser.add_argument("--block-size", type=int, help="tokens per block; default: the run's data.block_size, else 128")
     parser.add_argument("--max-blocks", type=int, default=64, help="analyse at most this many blocks (default 64)")

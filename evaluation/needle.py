@@ -99,8 +99,15 @@ def build_cases(loaded: LoadedModel, options: Options, new_tokens: int) -> list[
     for length in lengths:
         for depth in np.linspace(0, 1, options.depths):
             for _ in range(options.samples):
-                fact = {"attribute": rng.choice(ATTRIBUTES), "name": rng.choice(names), "value": str(rng.integers(1000, 10000))}
-                needle, question = encode(" " + options.needle.format(**fact)), encode("\n" + options.question.format(**fact))
+                fact = {
+                    "attribute": rng.choice(ATTRIBUTES),
+                    "name": rng.choice(names),
+                    "value": str(rng.integers(1000, 10000)),
+                }
+                needle, question = (
+                    encode(" " + options.needle.format(**fact)),
+                    encode("\n" + options.question.format(**fact)),
+                )
                 size = length - 1 - len(needle) - len(question)
                 if size < 0:
                     raise ConfigError(f"needle.lengths: {length} tokens cannot hold the needle and the question")
@@ -137,19 +144,39 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
     answerer = answerer or (lambda prompts, n: answers(loaded, prompts, n, options.batch_size, options.use_cache))
     predictions = answerer([c.ids for c in cases], new_tokens)
     correct = np.array([exact_match(p, c.value) for p, c in zip(predictions, cases)], dtype=float)
-    rouge = np.array([float(rouge_score(p, c.value, rouge_keys="rouge1")["rouge1_recall"]) for p, c in zip(predictions, cases)])
+    rouge = np.array(
+        [float(rouge_score(p, c.value, rouge_keys="rouge1")["rouge1_recall"]) for p, c in zip(predictions, cases)]
+    )
     lengths = sorted({c.length for c in cases})
-    grid = correct.reshape(len(lengths), options.depths, options.samples).mean(-1).T  # [depths, lengths]: cases are length-major
+    grid = (
+        correct.reshape(len(lengths), options.depths, options.samples).mean(-1).T
+    )  # [depths, lengths]: cases are length-major
     figure = heatmap(grid, lengths, f"needle: exact match {correct.mean():.2f}")
     values = [loaded.tokenizer(" " + c.value, add_special_tokens=False)["input_ids"] for c in cases]
     value_logprob = answer_logprobs(loaded, [c.ids for c in cases], values, options.batch_size)  # [cases]
-    metrics = {"acc": float(correct.mean()), "rouge1_recall": float(rouge.mean()), "value_logprob": float(value_logprob.mean())}
+    metrics = {
+        "acc": float(correct.mean()),
+        "rouge1_recall": float(rouge.mean()),
+        "value_logprob": float(value_logprob.mean()),
+    }
     metrics |= {f"acc_length_{n}": float(grid[:, i].mean()) for i, n in enumerate(lengths)}
     table = "\n".join(
-        ["| length | " + " | ".join(f"{100 * d:.0f}%" for d in np.linspace(0, 1, options.depths)) + " | mean |",
-         "| --- " * (options.depths + 2) + "|"]
-        + [f"| {n} | " + " | ".join(f"{v:.2f}" for v in grid[:, i]) + f" | {grid[:, i].mean():.2f} |" for i, n in enumerate(lengths)]
+        [
+            "| length | " + " | ".join(f"{100 * d:.0f}%" for d in np.linspace(0, 1, options.depths)) + " | mean |",
+            "| --- " * (options.depths + 2) + "|",
+        ]
+        + [
+            f"| {n} | " + " | ".join(f"{v:.2f}" for v in grid[:, i]) + f" | {grid[:, i].mean():.2f} |"
+            for i, n in enumerate(lengths)
+        ]
     )
-    details = {"lengths": lengths, "depths": np.linspace(0, 1, options.depths).tolist(), "exact_match": grid.tolist(),
-               "examples": [{"value": c.value, "depth": c.depth, "length": c.length, "answer": p} for c, p in zip(cases[:: options.samples], predictions[:: options.samples])]}
+    details = {
+        "lengths": lengths,
+        "depths": np.linspace(0, 1, options.depths).tolist(),
+        "exact_match": grid.tolist(),
+        "examples": [
+            {"value": c.value, "depth": c.depth, "length": c.length, "answer": p}
+            for c, p in zip(cases[:: options.samples], predictions[:: options.samples])
+        ],
+    }
     return SuiteResult(metrics, {"heatmap": figure}, table, details)

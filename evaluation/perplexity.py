@@ -62,7 +62,9 @@ def masked_nll(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> tu
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     block_size = options.block_size or loaded.block_size or min(128, loaded.context_length)
     if block_size > loaded.context_length:
-        raise DataError(f"ppl.block_size={block_size} is longer than the model's context of {loaded.context_length} tokens")
+        raise DataError(
+            f"ppl.block_size={block_size} is longer than the model's context of {loaded.context_length} tokens"
+        )
     texts = heldout_texts(options.text, options.seed, options.documents)
     blocks = heldout_blocks(texts, loaded, block_size, options.max_blocks)  # [N, block_size]
     nll, tokens = (causal_nll if loaded.objective == "causal" else masked_nll)(loaded, blocks, options.batch_size)

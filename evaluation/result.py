@@ -16,7 +16,9 @@ class SuiteResult:
     `eval/needle/acc` in metrics.json and TensorBoard."""
 
     metrics: dict[str, float]  # relative name -> value; the headline metric first
-    figures: dict[str, Figure] = field(default_factory=dict)  # name -> figure: <suite>_<name>.png, TB image eval/<suite>/<name>
+    figures: dict[str, Figure] = field(
+        default_factory=dict
+    )  # name -> figure: <suite>_<name>.png, TB image eval/<suite>/<name>
     table: str = ""  # markdown for the report (a table or a few lines), without a heading
     details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras, written to eval/<suite>.json
 

@@ -102,7 +102,10 @@ def synthetic(kind: str, count: int, items: int, seed: int) -> list[Example]:
             examples.append(Example(records, 0, f'"{names[0]}"', [values[0]], kind))
         else:
             attribute = rng.choice(ATTRIBUTES)
-            documents = [f"{world.sentence(rng)} The {attribute} of {name} is {value}. {world.sentence(rng)}" for name, value in zip(names, values)]
+            documents = [
+                f"{world.sentence(rng)} The {attribute} of {name} is {value}. {world.sentence(rng)}"
+                for name, value in zip(names, values)
+            ]
             examples.append(Example(documents, 0, f"what is the {attribute} of {names[0]}", [values[0]], kind))
     return examples
 
@@ -135,7 +138,9 @@ def _litm_example(record: dict, where: str) -> Example:
         return Example([f'"{k}": "{v}"' for k, v in pairs], gold, f'"{record["key"]}"', [record["value"]], "kv")
     missing = [k for k in ("question", "answers", "ctxs") if k not in record]
     if missing:
-        raise DataError(f"{where}: neither a key–value record (ordered_kv_records) nor a QA record (missing {', '.join(missing)})")
+        raise DataError(
+            f"{where}: neither a key–value record (ordered_kv_records) nor a QA record (missing {', '.join(missing)})"
+        )
     contexts = record["ctxs"]
     gold = next((i for i, c in enumerate(contexts) if c.get("isgold") or c.get("hasanswer")), None)
     if gold is None:
@@ -167,13 +172,20 @@ def curve(details: dict[str, dict]):
 
 
 def prompt_ids(loaded: LoadedModel, template: str, prompt: str) -> list[int]:
-    return [loaded.vocab.bos_id, *loaded.tokenizer(template.format(prompt=prompt), add_special_tokens=False)["input_ids"]]
+    return [
+        loaded.vocab.bos_id,
+        *loaded.tokenizer(template.format(prompt=prompt), add_special_tokens=False)["input_ids"],
+    ]
 
 
-def fitted(loaded: LoadedModel, examples: list[Example], items: int | None, template: str, new_tokens: int, task: str) -> list[Example]:
+def fitted(
+    loaded: LoadedModel, examples: list[Example], items: int | None, template: str, new_tokens: int, task: str
+) -> list[Example]:
     """The examples cut to `items` items, or to the most that fit the context when None."""
     available = min(len(e.items) for e in examples)
-    longest = lambda k: max(len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) for e in examples) + new_tokens
+    longest = lambda k: (
+        max(len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) for e in examples) + new_tokens
+    )
     if items is None:
         items = next((k for k in range(available, 1, -1) if longest(k) <= loaded.context_length), 2)
     if items > available:
@@ -193,7 +205,11 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
         raise ConfigError(f"retrieval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
     if options.items is not None and options.items < 2:
         raise ConfigError(f"retrieval.items must be at least 2, got {options.items}")
-    template = options.prompt_template or loaded.run_config.get("data", {}).get("init_args", {}).get("prompt_template") or "{prompt}\nAnswer:"
+    template = (
+        options.prompt_template
+        or loaded.run_config.get("data", {}).get("init_args", {}).get("prompt_template")
+        or "{prompt}\nAnswer:"
+    )
     if options.data:
         examples = read_lost_in_the_middle(options.data)[: options.examples]
         by_task = {f"litm_{examples[0].kind}": examples}
@@ -204,21 +220,40 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
     accuracy: dict[str, list[float]] = {}
     details: dict[str, dict] = {}
     for task, examples in by_task.items():
-        new_tokens = max(len(loaded.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for e in examples for a in e.answers) + 1
+        new_tokens = (
+            max(
+                len(loaded.tokenizer(" " + a, add_special_tokens=False)["input_ids"])
+                for e in examples
+                for a in e.answers
+            )
+            + 1
+        )
         examples = fitted(loaded, examples, options.items, template, new_tokens, task)
         items = len(examples[0].items)
         positions = gold_positions(items, options.positions)
         prompts = [prompt_ids(loaded, template, e.prompt(p)) for p in positions for e in examples]
         predictions = answerer(prompts, new_tokens)
         golds = [e.answers for _ in positions for e in examples]
-        correct = np.array([contains_answer(p, g) for p, g in zip(predictions, golds)], dtype=float).reshape(len(positions), -1)
+        correct = np.array([contains_answer(p, g) for p, g in zip(predictions, golds)], dtype=float).reshape(
+            len(positions), -1
+        )
         accuracy[task] = correct.mean(1).tolist()
-        details[task] = {"items": items, "positions": [p + 1 for p in positions], "examples_per_position": len(examples), "accuracy": accuracy[task]}
+        details[task] = {
+            "items": items,
+            "positions": [p + 1 for p in positions],
+            "examples_per_position": len(examples),
+            "accuracy": accuracy[task],
+        }
         metrics[f"{task}/acc"] = float(correct.mean())
         metrics |= {f"{task}/acc_position_{p + 1}": float(a) for p, a in zip(positions, accuracy[task])}
     metrics = {"acc": float(np.mean([metrics[f"{t}/acc"] for t in by_task])), **metrics}
     table = "\n".join(
         ["| task | items | accuracy by gold position | mean |", "| --- | --- | --- | --- |"]
-        + [f"| {t} | {d['items']} | " + ", ".join(f"{p}: {a:.2f}" for p, a in zip(d["positions"], d["accuracy"])) + f" | {metrics[f'{t}/acc']:.2f} |" for t, d in details.items()]
+        + [
+            f"| {t} | {d['items']} | "
+            + ", ".join(f"{p}: {a:.2f}" for p, a in zip(d["positions"], d["accuracy"]))
+            + f" | {metrics[f'{t}/acc']:.2f} |"
+            for t, d in details.items()
+        ]
     )
     return SuiteResult(metrics, {"by_position": curve(details)}, table, details)

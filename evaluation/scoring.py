@@ -38,23 +38,31 @@ def _chunks_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def causal_logprobs(loaded: LoadedModel, sequences: list[list[int]], batch_size: int = 32, scored_from: list[int] | None = None) -> Tensor:
+def causal_logprobs(
+    loaded: LoadedModel, sequences: list[list[int]], batch_size: int = 32, scored_from: list[int] | None = None
+) -> Tensor:
     """[N] float: log p(s[k:] | s[:k]) summed over tokens, for a causal model; k = scored_from[i]
     (default 1: everything after the BOS)."""
     totals = torch.zeros(len(sequences))
     first = torch.tensor(scored_from) if scored_from is not None else torch.ones(len(sequences), dtype=torch.long)
     for chunk in _chunks_by_length([len(s) for s in sequences], batch_size):
         ids, attention = pad([sequences[i] for i in chunk], loaded.vocab.pad_id)  # [B, L]
-        scored = attention[:, 1:].bool() & (torch.arange(1, ids.shape[1]) >= first[chunk][:, None])  # [B, L-1]: token t+1
+        scored = attention[:, 1:].bool() & (
+            torch.arange(1, ids.shape[1]) >= first[chunk][:, None]
+        )  # [B, L-1]: token t+1
         ids = ids.to(loaded.device)
-        logits = loaded.model(input_ids=ids, attention_mask=attention.to(loaded.device)).logits[:, :-1].float()  # [B, L-1, V]
+        logits = (
+            loaded.model(input_ids=ids, attention_mask=attention.to(loaded.device)).logits[:, :-1].float()
+        )  # [B, L-1, V]
         token_logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # [B, L-1]
         totals[chunk] = (token_logp * scored).sum(1)
     return totals
 
 
 @torch.no_grad()
-def answer_logprobs(loaded: LoadedModel, prompts: list[list[int]], targets: list[list[int]], batch_size: int = 16) -> Tensor:
+def answer_logprobs(
+    loaded: LoadedModel, prompts: list[list[int]], targets: list[list[int]], batch_size: int = 16
+) -> Tensor:
     """[N] float: log-probability of each target answer after its prompt, teacher-forced: a
     decoder's log p(answer | prompt); an encoder's sum of log p(answer token i | prompt, [MASK] slots),
     the slots appended as `answers` does. Graded where exact match is all-or-nothing."""
@@ -69,7 +77,9 @@ def answer_logprobs(loaded: LoadedModel, prompts: list[list[int]], targets: list
         column = torch.tensor([len(prompts[i]) + j for i in chunk for j in range(len(targets[i]))])  # [M]
         token = torch.tensor([t for i in chunk for t in targets[i]])  # [M]
         logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
-        log_probs = torch.log_softmax(logits[row_of.to(logits.device), column.to(logits.device)].float(), -1).cpu()  # [M, V]
+        log_probs = torch.log_softmax(
+            logits[row_of.to(logits.device), column.to(logits.device)].float(), -1
+        ).cpu()  # [M, V]
         picked = log_probs.gather(-1, token[:, None]).squeeze(-1)  # [M]
         totals[chunk] = torch.zeros(len(chunk)).index_add_(0, row_of, picked)
     return totals
@@ -107,14 +117,14 @@ def masked_token_logprobs(
             rows[arange, pos] = loaded.vocab.mask_id
             hidden = loaded.model.base_model(input_ids=rows.to(loaded.device)).last_hidden_state  # [r, width, H]
             logits = head(hidden[arange.to(hidden.device), pos.to(hidden.device)]).float()  # [r, V]
-            out[chunk:stop] = torch.log_softmax(logits, -1).gather(-1, targets[:, None].to(logits.device)).squeeze(-1).cpu()
+            out[chunk:stop] = (
+                torch.log_softmax(logits, -1).gather(-1, targets[:, None].to(logits.device)).squeeze(-1).cpu()
+            )
         start += count
     return out, sequence_of
 
 
-def pseudo_log_likelihoods(
-    loaded: LoadedModel, sequences: list[list[int]], rows_per_batch: int = 256
-) -> Tensor:
+def pseudo_log_likelihoods(loaded: LoadedModel, sequences: list[list[int]], rows_per_batch: int = 256) -> Tensor:
     """[N] float: sum over a sequence's regular tokens of log p(token | all the others)."""
     scored = [(~loaded.vocab.is_special[torch.tensor(s)]).tolist() for s in sequences]
     logp, sequence_of = masked_token_logprobs(loaded, sequences, scored, rows_per_batch)
@@ -136,7 +146,9 @@ Answerer = Callable[[list[list[int]], int], list[str]]
 
 
 @torch.no_grad()
-def answers(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, batch_size: int = 16, use_cache: bool = True) -> list[str]:
+def answers(
+    loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, batch_size: int = 16, use_cache: bool = True
+) -> list[str]:
     """The model's answer to each prompt (token ids), decoded up to the first EOS / newline.
 
     A decoder continues the prompt greedily with transformers' `generate` (prompts left-padded);
@@ -148,8 +160,13 @@ def answers(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, batc
         if loaded.objective == "causal":
             ids, attention = pad([prompts[i] for i in chunk], vocab.pad_id, left=True)
             output = loaded.model.generate(
-                input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=vocab.pad_id,
+                input_ids=ids.to(loaded.device),
+                attention_mask=attention.to(loaded.device),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=vocab.pad_id,
             )[:, ids.shape[1] :]  # [B, new_tokens]
         else:
             slots = [[*prompts[i], *([vocab.mask_id] * new_tokens), vocab.eos_id] for i in chunk]
@@ -191,4 +208,6 @@ def contains_answer(prediction: str, answers: list[str]) -> bool:
 
 def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """[B, L] cross-entropy of each target under its logits, 0 where the target is -100."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)

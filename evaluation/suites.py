@@ -26,7 +26,14 @@ from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult, update_metrics_json
 
 # suite name -> module of the evaluation package (imported when first used: GLUE pulls in a Trainer)
-SUITES = {"needle": "needle", "retrieval": "retrieval", "blimp": "blimp", "ppl": "perplexity", "glue": "glue", "attention": "attention"}
+SUITES = {
+    "needle": "needle",
+    "retrieval": "retrieval",
+    "blimp": "blimp",
+    "ppl": "perplexity",
+    "glue": "glue",
+    "attention": "attention",
+}
 
 
 def suite_module(name: str) -> ModuleType:
@@ -41,7 +48,9 @@ def parse_suites(names: str | list[str]) -> list[str]:
     chosen = [n.strip() for n in listed if n.strip()]
     unknown = [n for n in chosen if n not in SUITES]
     if unknown or not chosen:
-        raise ConfigError(f"unknown suite(s) {', '.join(map(repr, unknown)) or '(none given)'} (known: {', '.join(SUITES)})")
+        raise ConfigError(
+            f"unknown suite(s) {', '.join(map(repr, unknown)) or '(none given)'} (known: {', '.join(SUITES)})"
+        )
     return chosen
 
 
@@ -51,7 +60,12 @@ def options_for(name: str, values: dict[str, Any] | None) -> Any:
     known = {f.name for f in dataclasses.fields(options_class)}
     unknown = sorted(set(values or {}) - known)
     if unknown:
-        raise ConfigError([f"{name}.{key} is not an option of suite {name!r} (options: {', '.join(sorted(known))})" for key in unknown])
+        raise ConfigError(
+            [
+                f"{name}.{key} is not an option of suite {name!r} (options: {', '.join(sorted(known))})"
+                for key in unknown
+            ]
+        )
     return options_class(**(values or {}))
 
 
@@ -61,10 +75,14 @@ def run_suites(loaded: LoadedModel, options: dict[str, Any]) -> dict[str, SuiteR
 
 
 def flat_metrics(results: dict[str, SuiteResult]) -> dict[str, float]:
-    return {f"eval/{suite}/{name}": value for suite, result in results.items() for name, value in result.metrics.items()}
+    return {
+        f"eval/{suite}/{name}": value for suite, result in results.items() for name, value in result.metrics.items()
+    }
 
 
-def save_results(results: dict[str, SuiteResult], out_dir: Path, metrics_file: Path | None, writer: Any = None, step: int = 0) -> Path:
+def save_results(
+    results: dict[str, SuiteResult], out_dir: Path, metrics_file: Path | None, writer: Any = None, step: int = 0
+) -> Path:
     """Write figures, tables and extras under `out_dir`, merge the metrics into `metrics_file`
     (keeping every other key), and log scalars and images to a TensorBoard `writer` when given.
     Returns the report's path."""
@@ -77,7 +95,9 @@ def save_results(results: dict[str, SuiteResult], out_dir: Path, metrics_file: P
             plt.close(figure)
         images = "".join(f"\n\n![{suite} {name}]({suite}_{name}.png)" for name in result.figures)
         (out_dir / f"{suite}.md").write_text(f"## {suite}\n\n{result.table}{images}\n")
-        (out_dir / f"{suite}.json").write_text(json.dumps({"metrics": result.metrics, **result.details}, indent=2) + "\n")
+        (out_dir / f"{suite}.json").write_text(
+            json.dumps({"metrics": result.metrics, **result.details}, indent=2) + "\n"
+        )
     metrics = flat_metrics(results)
     if writer is not None:
         for tag, value in metrics.items():
@@ -93,7 +113,11 @@ def save_results(results: dict[str, SuiteResult], out_dir: Path, metrics_file: P
 def report_text(out_dir: Path) -> str:
     """Every suite evaluated into `out_dir` so far: a headline table, then each suite's section."""
     done = [suite for suite in SUITES if (out_dir / f"{suite}.md").is_file()]
-    headline = [(suite, *next(iter(json.loads((out_dir / f"{suite}.json").read_text())["metrics"].items()))) for suite in done]
+    headline = [
+        (suite, *next(iter(json.loads((out_dir / f"{suite}.json").read_text())["metrics"].items()))) for suite in done
+    ]
     rows = [f"| {suite} | {name} | {value:.4g} |" for suite, name, value in headline]
     sections = [(out_dir / f"{suite}.md").read_text() for suite in done]
-    return "\n".join(["# Evaluation", "", "| suite | headline metric | value |", "| --- | --- | --- |", *rows, "", *sections])
+    return "\n".join(
+        ["# Evaluation", "", "| suite | headline metric | value |", "| --- | --- | --- |", *rows, "", *sections]
+    )

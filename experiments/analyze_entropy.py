@@ -41,7 +41,9 @@ FREQUENCY_BUCKETS = ((1, 10), (11, 100), (101, 1000), (1001, None))  # type rank
 
 
 @torch.no_grad()
-def score_tokens(loaded: LoadedModel, blocks: Tensor, batch_size: int, mlm_mask_ratio: float, seed: int) -> dict[str, Tensor]:
+def score_tokens(
+    loaded: LoadedModel, blocks: Tensor, batch_size: int, mlm_mask_ratio: float, seed: int
+) -> dict[str, Tensor]:
     """Per predicted token, flattened to [N]: target id, entropy, correct, loss, sentence rank.
     Special-token targets (BOS, EOS, padding) are left out."""
     rank = rank_from_end(TokenBlock.from_ids(blocks, loaded.vocab))  # [B, L]
@@ -56,7 +58,17 @@ def score_tokens(loaded: LoadedModel, blocks: Tensor, batch_size: int, mlm_mask_
         rows = slice(start, start + len(ids))
         if loaded.objective == "causal":
             logits = loaded.model(input_ids=ids).logits[:, :-1].float()  # [b, L-1, V] predicts ids[:, 1:]
-            _fill(rows, slice(1, None), logits, ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool), entropy, log_p_true, correct, scored)
+            _fill(
+                rows,
+                slice(1, None),
+                logits,
+                ids[:, 1:],
+                torch.ones_like(ids[:, 1:], dtype=torch.bool),
+                entropy,
+                log_p_true,
+                correct,
+                scored,
+            )
             continue
         group = torch.rand(ids.shape, generator=generator).argsort(1) % groups  # [b, L] each token in one group
         for g in range(groups):
@@ -73,7 +85,17 @@ def score_tokens(loaded: LoadedModel, blocks: Tensor, batch_size: int, mlm_mask_
     }
 
 
-def _fill(rows: slice, cols: slice, logits: Tensor, targets: Tensor, where: Tensor, entropy: Tensor, log_p_true: Tensor, correct: Tensor, scored: Tensor) -> None:
+def _fill(
+    rows: slice,
+    cols: slice,
+    logits: Tensor,
+    targets: Tensor,
+    where: Tensor,
+    entropy: Tensor,
+    log_p_true: Tensor,
+    correct: Tensor,
+    scored: Tensor,
+) -> None:
     """Write the scores of `logits` [b, l, V] for `targets` [b, l] at the positions `where`."""
     log_p = F.log_softmax(logits, -1)
     for out, value in (
@@ -95,13 +117,15 @@ def by_frequency(scores: dict[str, Tensor]) -> list[dict]:
     buckets = []
     for low, high in FREQUENCY_BUCKETS:
         at = (token_rank >= low) & (token_rank <= (high or len(counts)))
-        buckets.append({
-            "types": f"{low}-{high}" if high else f"{low}+",
-            "count": int(at.sum()),
-            "distinct": int(scores["token"][at].unique().numel()),
-            "mean_entropy": scores["entropy"][at].mean().item() if at.any() else float("nan"),
-            "accuracy": scores["correct"][at].float().mean().item() if at.any() else float("nan"),
-        })
+        buckets.append(
+            {
+                "types": f"{low}-{high}" if high else f"{low}+",
+                "count": int(at.sum()),
+                "distinct": int(scores["token"][at].unique().numel()),
+                "mean_entropy": scores["entropy"][at].mean().item() if at.any() else float("nan"),
+                "accuracy": scores["correct"][at].float().mean().item() if at.any() else float("nan"),
+            }
+        )
     return buckets
 
 
@@ -131,15 +155,30 @@ def plot(summary: dict, title: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.axvline(summary["forking_threshold"], color="C3", linestyle="--")
-    ax.set(xlabel="predictive entropy (nats)", ylabel="tokens",
-           title=f"{title}: entropy of {summary['n_tokens']} tokens\nforking (> {summary['forking_threshold']:.3g} nats, dashed): "
-                 f"{summary['forking_share']:.1%} of tokens, {summary['forking_entropy_share']:.1%} of all entropy")
+    ax.set(
+        xlabel="predictive entropy (nats)",
+        ylabel="tokens",
+        title=f"{title}: entropy of {summary['n_tokens']} tokens\nforking (> {summary['forking_threshold']:.3g} nats, dashed): "
+        f"{summary['forking_share']:.1%} of tokens, {summary['forking_entropy_share']:.1%} of all entropy",
+    )
     _save(fig, files[0])
 
     buckets = [b for b in summary["by_position"] if b["count"]]
-    _two_axes([b["name"] for b in buckets], buckets, "position in the sentence", f"{title}: by position from the sentence end", files[1])
+    _two_axes(
+        [b["name"] for b in buckets],
+        buckets,
+        "position in the sentence",
+        f"{title}: by position from the sentence end",
+        files[1],
+    )
     buckets = [b for b in summary["by_frequency"] if b["count"]]
-    _two_axes([f"rank {b['types']}" for b in buckets], buckets, "token type, by frequency rank in the text", f"{title}: by token frequency", files[2])
+    _two_axes(
+        [f"rank {b['types']}" for b in buckets],
+        buckets,
+        "token type, by frequency rank in the text",
+        f"{title}: by token frequency",
+        files[2],
+    )
     return files
 
 
@@ -155,7 +194,9 @@ def _two_axes(labels: list[str], buckets: list[dict], xlabel: str, title: str, p
     for i, b in zip(x, buckets):
         ax.annotate(f"n={b['count']}", (i, 0), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=2, frameon=False)
+    ax.legend(
+        handles, [h.get_label() for h in handles], loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=2, frameon=False
+    )
     _save(fig, path)
 
 
@@ -183,10 +224,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.analyze_entropy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a run dir (its hf_model/ is used) or an hf_model folder")
     parser.add_argument("--out", help="output folder; default <run>/analysis/entropy")
-    parser.add_argument("--threshold", type=float, default=FORKING_THRESHOLD,
-                        help=f"entropy (nats) above which a token is 'forking' (default {FORKING_THRESHOLD}, arXiv 2506.01939)")
-    parser.add_argument("--max-offset", type=int, default=5, help="positions from the sentence end shown one by one (default 5)")
-    parser.add_argument("--mlm-mask-ratio", type=float, default=0.15, help="masked models: share hidden per pass (default 0.15)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=FORKING_THRESHOLD,
+        help=f"entropy (nats) above which a token is 'forking' (default {FORKING_THRESHOLD}, arXiv 2506.01939)",
+    )
+    parser.add_argument(
+        "--max-offset", type=int, default=5, help="positions from the sentence end shown one by one (default 5)"
+    )
+    parser.add_argument(
+        "--mlm-mask-ratio", type=float, default=0.15, help="masked models: share hidden per pass (default 0.15)"
+    )
     add_text_arguments(parser)
     return parser.parse_args(argv)
 
@@ -196,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         loaded = load_model(args.run)
         block_size = args.block_size or loaded.block_size or 128
-        blocks = heldout_blocks(heldout_texts(args.text, args.seed, args.documents), loaded, block_size, args.max_blocks)
+        blocks = heldout_blocks(
+            heldout_texts(args.text, args.seed, args.documents), loaded, block_size, args.max_blocks
+        )
     except MasklabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -214,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     title = "/".join(loaded.path.parent.parts[-2:]) if loaded.run_config else loaded.path.name
     summary["plots"] = [p.name for p in plot(summary, title, out)]
     (out / "entropy.json").write_text(json.dumps(finite_or_null(summary), indent=2) + "\n")
-    print(f"{summary['n_tokens']} tokens: mean entropy {summary['mean_entropy']:.3f} nats, accuracy {summary['accuracy']:.3f}, "
-          f"forking share {summary['forking_share']:.3f}\nwrote {out / 'entropy.json'} and {', '.join(summary['plots'])}")
+    print(
+        f"{summary['n_tokens']} tokens: mean entropy {summary['mean_entropy']:.3f} nats, accuracy {summary['accuracy']:.3f}, "
+        f"forking share {summary['forking_share']:.3f}\nwrote {out / 'entropy.json'} and {', '.join(summary['plots'])}"
+    )
     return summary
 
 

@@ -51,21 +51,31 @@ def evaluate(run: str, examples: int = 200, bins: int = 5, seed: int = 0, batch_
     data = loaded.run_config.get("data", {}).get("init_args", {})
     chosen = kv_examples(seed, data.get("builtin_max_facts", 16), examples)
     prepared = encode(
-        [(e.prompt, e.answer) for e in chosen], loaded.tokenizer, loaded.vocab,
-        data.get("prompt_template", "{prompt}\nAnswer:"), data.get("answer_template", " {answer}"),
-        data.get("block_size") or loaded.model.config.max_position_embeddings, "prompt_start",
+        [(e.prompt, e.answer) for e in chosen],
+        loaded.tokenizer,
+        loaded.vocab,
+        data.get("prompt_template", "{prompt}\nAnswer:"),
+        data.get("answer_template", " {answer}"),
+        data.get("block_size") or loaded.model.config.max_position_embeddings,
+        "prompt_start",
     )
     if len(prepared.ids) != len(chosen):
         raise SystemExit(f"error: {prepared.summary()}: the run's block size is too small for key–value answers")
     collate = SFTCollator(PlainSFT(), loaded.vocab, seed, max(len(ids) for ids in prepared.ids))
-    samples = [(i, torch.from_numpy(ids), *span) for i, (ids, span) in enumerate(zip(prepared.ids, prepared.answer_spans))]
+    samples = [
+        (i, torch.from_numpy(ids), *span) for i, (ids, span) in enumerate(zip(prepared.ids, prepared.answer_spans))
+    ]
     batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     correct = correct_by_example(loaded, batches)
     positions = torch.tensor([e.gold_position for e in chosen])
     bin_of = (positions * bins).long().clamp_max(bins - 1)
     by_position = [
-        {"from": b / bins, "to": (b + 1) / bins, "n": int((bin_of == b).sum()),
-         "accuracy": float(correct[bin_of == b].float().mean()) if (bin_of == b).any() else None}
+        {
+            "from": b / bins,
+            "to": (b + 1) / bins,
+            "n": int((bin_of == b).sum()),
+            "accuracy": float(correct[bin_of == b].float().mean()) if (bin_of == b).any() else None,
+        }
         for b in range(bins)
     ]
     result = {

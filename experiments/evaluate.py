@@ -38,7 +38,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=str, required=True, help="a masklab run dir or a local transformers model folder")
     parser.add_argument("--suites", type=str, required=True, help=f"comma-separated suites to run: {', '.join(SUITES)}")
     parser.add_argument("--device", type=str, default="auto", help="torch device; auto = cuda when available, else cpu")
-    parser.add_argument("--out", type=str | None, default=None, help="folder for plots and the report; default <run dir>/eval")
+    parser.add_argument(
+        "--out", type=str | None, default=None, help="folder for plots and the report; default <run dir>/eval"
+    )
     parser.add_argument("--step", type=int, default=0, help="TensorBoard step of the logged results")
     for name in SUITES:
         parser.add_class_arguments(suite_module(name).Options, name, help=f"options of the {name} suite")
@@ -59,7 +61,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         folder = model_dir(config.run)
         objects = parser.instantiate_classes(config)
         loaded = load_model(str(folder))
-        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
+        device = (
+            "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
+        )
         try:
             loaded.model.to(device)
         except (RuntimeError, AssertionError) as err:

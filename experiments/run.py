@@ -84,22 +84,34 @@ def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple
 
 class MasklabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--experiment", type=str | None, default=None,
-                            help="Run name: runs go to <runs_dir>/<experiment>/version_<n>. Default: the config file's name.")
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="Run name: runs go to <runs_dir>/<experiment>/version_<n>. Default: the config file's name.",
+        )
         parser.add_argument("--runs_dir", type=str, default="runs", help="Folder holding every experiment's runs.")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Resume from this checkpoint, or 'last': the newest last.ckpt of this experiment.")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Resume from this checkpoint, or 'last': the newest last.ckpt of this experiment.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "best-step{step}",
-            "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.enable_version_counter": False,  # a resumed run rolls last.ckpt forward, not last-v1.ckpt
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,  # a resumed run rolls last.ckpt forward, not last-v1.ckpt
+            }
+        )
         parser.link_arguments("data.init_args.block_size", "model.init_args.block_size")
-        parser.link_arguments("data", "model.init_args.vocab", compute_fn=lambda data: data.model_vocab, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.init_args.vocab", compute_fn=lambda data: data.model_vocab, apply_on="instantiate"
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config

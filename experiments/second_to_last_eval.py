@@ -60,10 +60,14 @@ def refine(logits: Tensor, candidates: Tensor, recovered: Tensor, w: float, bonu
 def logits_of(loaded: LoadedModel, ids: Tensor, batch_size: int) -> Tensor:
     """[N, L, V] float logits, computed `batch_size` rows at a time."""
     with torch.no_grad():
-        return torch.cat([loaded.model(input_ids=ids[i : i + batch_size]).logits.float() for i in range(0, len(ids), batch_size)])
+        return torch.cat(
+            [loaded.model(input_ids=ids[i : i + batch_size]).logits.float() for i in range(0, len(ids), batch_size)]
+        )
 
 
-def accuracies(stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length: int, batch_size: int) -> dict[str, float]:
+def accuracies(
+    stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length: int, batch_size: int
+) -> dict[str, float]:
     """Second-to-last accuracy of the STL model and next-token accuracy of the NTP model on the
     same target tokens t(p)."""
     batch = SecondToLastSwap(block_length)(TokenBlock.from_ids(blocks, stl.vocab), torch.Generator())
@@ -78,7 +82,9 @@ def accuracies(stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length:
     }
 
 
-def refinement(stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length: int, k: int, w: float, bonus: str, batch_size: int) -> dict[str, float]:
+def refinement(
+    stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length: int, k: int, w: float, bonus: str, batch_size: int
+) -> dict[str, float]:
     """Top-1 next-token accuracy of the NTP model with and without refinement by the STL model."""
     ntp_logits = logits_of(ntp, blocks, batch_size)  # [N, L, V]
     swapped = swap_pairs(blocks, block_length)  # [N, L]
@@ -106,14 +112,22 @@ def refinement(stl: LoadedModel, ntp: LoadedModel, blocks: Tensor, block_length:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.second_to_last_eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.second_to_last_eval", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--stl", required=True, help="second-to-last run dir or hf_model folder (second_to_last.yaml)")
-    parser.add_argument("--ntp", required=True, help="next-token run dir or hf_model folder of the same size (ntp.yaml)")
+    parser.add_argument(
+        "--ntp", required=True, help="next-token run dir or hf_model folder of the same size (ntp.yaml)"
+    )
     parser.add_argument("--block-length", type=int, help="swap period l; default: the STL run's, else 4")
     parser.add_argument("--top-k", type=int, default=15, help="NTP candidates to refine (default 15, as the paper)")
     parser.add_argument("--w", type=float, default=0.05, help="bonus weight (default 0.05, as the paper)")
-    parser.add_argument("--bonus", choices=("logprob", "logit"), default="logprob",
-                        help="logprob: + log(1+w) to the log-probability (default); logit: logit * (1+w), the reference code")
+    parser.add_argument(
+        "--bonus",
+        choices=("logprob", "logit"),
+        default="logprob",
+        help="logprob: + log(1+w) to the log-probability (default); logit: logit * (1+w), the reference code",
+    )
     parser.add_argument("--out", help="JSON output; default <stl run>/second_to_last_eval.json")
     add_text_arguments(parser)
     return parser.parse_args(argv)
@@ -139,17 +153,25 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     result = {
-        "stl": str(stl.path), "ntp": str(ntp.path), "block_length": block_length, "block_size": block_size,
-        "blocks": len(blocks), "top_k": args.top_k, "w": args.w, "bonus": args.bonus,
+        "stl": str(stl.path),
+        "ntp": str(ntp.path),
+        "block_length": block_length,
+        "block_size": block_size,
+        "blocks": len(blocks),
+        "top_k": args.top_k,
+        "w": args.w,
+        "bonus": args.bonus,
         **accuracies(stl, ntp, blocks, block_length, args.batch_size),
         **refinement(stl, ntp, blocks, block_length, args.top_k, args.w, args.bonus, args.batch_size),
     }
     out = Path(args.out) if args.out else (stl.path.parent if stl.run_config else stl.path) / "second_to_last_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"second-to-last acc {result['second_to_last_acc']:.4f} vs next-token acc {result['next_token_acc_same_targets']:.4f} "
-          f"(same targets); top-1 next-token {result['next_token_top1_acc']:.4f} -> refined {result['refined_top1_acc']:.4f}\n"
-          f"wrote {out}")
+    print(
+        f"second-to-last acc {result['second_to_last_acc']:.4f} vs next-token acc {result['next_token_acc_same_targets']:.4f} "
+        f"(same targets); top-1 next-token {result['next_token_top1_acc']:.4f} -> refined {result['refined_top1_acc']:.4f}\n"
+        f"wrote {out}"
+    )
     return result
 
 

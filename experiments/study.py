@@ -32,12 +32,35 @@ def study(config: dict) -> dict:
     evaluation = config.get("eval", {})
     results = {}
     for pre_name, pre_config in config["pretrain"]["configs"].items():
-        pre_dir = run_dir(["--config", pre_config, *shared, *map(str, config["pretrain"].get("args", [])),
-                           "--runs_dir", runs_dir, "--experiment", f"pretrain_{pre_name}"])
+        pre_dir = run_dir(
+            [
+                "--config",
+                pre_config,
+                *shared,
+                *map(str, config["pretrain"].get("args", [])),
+                "--runs_dir",
+                runs_dir,
+                "--experiment",
+                f"pretrain_{pre_name}",
+            ]
+        )
         for ft_name, ft_config in config["finetune"]["configs"].items():
-            ft_dir = run_dir(["--config", ft_config, *shared, *map(str, config["finetune"].get("args", [])),
-                              "--model.init_args.init_from", str(pre_dir), "--data.init_args.tokenizer_path", str(pre_dir),
-                              "--runs_dir", runs_dir, "--experiment", f"{pre_name}_then_sft_{ft_name}"])
+            ft_dir = run_dir(
+                [
+                    "--config",
+                    ft_config,
+                    *shared,
+                    *map(str, config["finetune"].get("args", [])),
+                    "--model.init_args.init_from",
+                    str(pre_dir),
+                    "--data.init_args.tokenizer_path",
+                    str(pre_dir),
+                    "--runs_dir",
+                    runs_dir,
+                    "--experiment",
+                    f"{pre_name}_then_sft_{ft_name}",
+                ]
+            )
             results[f"{pre_name}+sft_{ft_name}"] = eval_retrieval.evaluate(str(ft_dir), **evaluation)
     (Path(runs_dir) / "study.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -45,7 +68,11 @@ def study(config: dict) -> dict:
 
 def table(results: dict) -> str:
     bins = next(iter(results.values()))["by_position"]
-    header = "| pre-training + fine-tuning | accuracy | " + " | ".join(f"pos {b['from']:.1f}-{b['to']:.1f}" for b in bins) + " |"
+    header = (
+        "| pre-training + fine-tuning | accuracy | "
+        + " | ".join(f"pos {b['from']:.1f}-{b['to']:.1f}" for b in bins)
+        + " |"
+    )
     lines = [header, "|" + " --- |" * (2 + len(bins))]
     for name, result in results.items():
         cells = ["–" if b["accuracy"] is None else f"{b['accuracy']:.2f}" for b in result["by_position"]]

@@ -273,7 +273,10 @@ class LanguageModelModule(L.LightningModule):
         optimizer = self.build_optimizer()
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=min(cfg.warmup_steps, total), num_training_steps=total, min_lr_rate=cfg.min_lr_ratio
+            optimizer,
+            num_warmup_steps=min(cfg.warmup_steps, total),
+            num_training_steps=total,
+            min_lr_rate=cfg.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -301,4 +304,3 @@ def _scatter(values: Tensor, where: Tensor) -> Tensor:
 def _is_embedding(module: L.LightningModule, param: torch.nn.Parameter) -> bool:
     embeddings = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
     return any(param is e for e in embeddings)
-

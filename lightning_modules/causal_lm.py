@@ -83,7 +83,14 @@ class CausalLMModule(LanguageModelModule):
             tie_word_embeddings=tie_word_embeddings,
         )
         super().__init__(
-            vocab, block_size, optimizer, config_overrides, model_args, attn_implementation, compile, gradient_checkpointing
+            vocab,
+            block_size,
+            optimizer,
+            config_overrides,
+            model_args,
+            attn_implementation,
+            compile,
+            gradient_checkpointing,
         )
         if init_from is not None:
             self.model.load_state_dict(load_pretrained(init_from, self.model, vocab.get("tokens")).state_dict())
@@ -108,22 +115,33 @@ def load_pretrained(path: str, built: PreTrainedModel, tokens: list[str] | None)
     its saved tokenizer is not the data's (`tokens`: the data's token strings, "" = special)."""
     folder = Path(path) / "hf_model" if (Path(path) / "hf_model").is_dir() else Path(path)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"model.init_from: {path!r} is neither a run dir with an hf_model/ folder nor a "
-                          "transformers model folder (no config.json)")
+        raise ConfigError(
+            f"model.init_from: {path!r} is neither a run dir with an hf_model/ folder nor a "
+            "transformers model folder (no config.json)"
+        )
     saved = AutoConfig.from_pretrained(folder, local_files_only=True)
     if saved.vocab_size != built.config.vocab_size:
-        raise ConfigError(f"model.init_from: {folder} has a vocabulary of {saved.vocab_size} tokens, the data's "
-                          f"tokenizer {built.config.vocab_size}; fine-tune with the pre-trained run's tokenizer "
-                          f"(data.init_args.tokenizer_path: {path})")
-    differing = [f"model.init_args.{key}={getattr(built.config, field)} (saved: {getattr(saved, field, None)})"
-                 for field, key in SHAPE_KEYS.items() if getattr(saved, field, None) != getattr(built.config, field)]
+        raise ConfigError(
+            f"model.init_from: {folder} has a vocabulary of {saved.vocab_size} tokens, the data's "
+            f"tokenizer {built.config.vocab_size}; fine-tune with the pre-trained run's tokenizer "
+            f"(data.init_args.tokenizer_path: {path})"
+        )
+    differing = [
+        f"model.init_args.{key}={getattr(built.config, field)} (saved: {getattr(saved, field, None)})"
+        for field, key in SHAPE_KEYS.items()
+        if getattr(saved, field, None) != getattr(built.config, field)
+    ]
     if differing:
         raise ConfigError(f"model.init_from: {folder} does not fit the configured model: {', '.join(differing)}")
     if tokens and (folder / "tokenizer.json").is_file():
-        saved_tokens = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(list(range(len(tokens))))
+        saved_tokens = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(
+            list(range(len(tokens)))
+        )
         differing_ids = [i for i, (mine, theirs) in enumerate(zip(tokens, saved_tokens)) if mine and mine != theirs]
         if differing_ids:
-            raise ConfigError(f"model.init_from: the tokenizer saved in {folder} differs from the data's at "
-                              f"{len(differing_ids)} of {len(tokens)} ids (first: {differing_ids[0]}); fine-tune with "
-                              f"the pre-trained run's tokenizer (data.init_args.tokenizer_path: {path})")
+            raise ConfigError(
+                f"model.init_from: the tokenizer saved in {folder} differs from the data's at "
+                f"{len(differing_ids)} of {len(tokens)} ids (first: {differing_ids[0]}); fine-tune with "
+                f"the pre-trained run's tokenizer (data.init_args.tokenizer_path: {path})"
+            )
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)

@@ -93,7 +93,14 @@ class MaskedLMModule(LanguageModelModule):
         if nhot:  # the output layer keeps the plain table; only the input gets the n-hot term
             model_args["tie_word_embeddings"] = False
         super().__init__(
-            vocab, block_size, optimizer, config_overrides, model_args, attn_implementation, compile, gradient_checkpointing
+            vocab,
+            block_size,
+            optimizer,
+            config_overrides,
+            model_args,
+            attn_implementation,
+            compile,
+            gradient_checkpointing,
         )
         self.save_hyperparameters(ignore=["vocab"])
         self.nhot = nhot
@@ -117,11 +124,15 @@ class MaskedLMModule(LanguageModelModule):
         teacher = self._teacher[0].to(logits.device)
         masked = labels != IGNORE_INDEX  # [B, L]
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[masked]
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                masked
+            ]
         t = self.distill_temperature
         kl = F.kl_div(
-            F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-            log_target=True, reduction="sum",
+            F.log_softmax(logits.float() / t, -1),
+            F.log_softmax(teacher_logits.float() / t, -1),
+            log_target=True,
+            reduction="sum",
         ) / masked.sum().clamp_min(1)
         return {"kd": self.distill_alpha * t * t * kl}
 

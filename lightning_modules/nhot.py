@@ -73,4 +73,6 @@ class NHotEmbedding(nn.Module):
 
     def folded(self) -> nn.Embedding:
         with torch.no_grad():
-            return nn.Embedding.from_pretrained(self.weight.detach().clone(), freeze=False, padding_idx=self.base.padding_idx)
+            return nn.Embedding.from_pretrained(
+                self.weight.detach().clone(), freeze=False, padding_idx=self.base.padding_idx
+            )

@@ -35,19 +35,32 @@ def random_ids(batch: int, length: int, vocab: Vocab, seed: int = 0) -> torch.Te
 
 
 TINY = [
-    "--data.builtin_documents", "120",
-    "--data.vocab_size", "512",
-    "--data.block_size", "32",
-    "--data.batch_size", "4",
-    "--model.init_args.hidden_size", "32",
-    "--model.init_args.num_layers", "2",
-    "--trainer.max_steps", "4",
-    "--trainer.val_check_interval", "2",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.accelerator", "cpu",
+    "--data.builtin_documents",
+    "120",
+    "--data.vocab_size",
+    "512",
+    "--data.block_size",
+    "32",
+    "--data.batch_size",
+    "4",
+    "--model.init_args.hidden_size",
+    "32",
+    "--model.init_args.num_layers",
+    "2",
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.accelerator",
+    "cpu",
 ]
 
 
@@ -57,7 +70,9 @@ def tiny_args(tmp_path) -> list[str]:
     return [*TINY, "--runs_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]
 
 
-def save_tiny_hf_model(folder, objective: str, max_positions: int = 256, hidden_size: int = 32, num_layers: int = 2, heads: int = 4):
+def save_tiny_hf_model(
+    folder, objective: str, max_positions: int = 256, hidden_size: int = 32, num_layers: int = 2, heads: int = 4
+):
     """A random transformers model (Llama for "causal", BERT for "mlm"; 2 layers of 32 by default)
     and a small BPE tokenizer trained on the built-in corpus, saved as an `hf_model/` folder.
     Also used by benchmarks/evaluation.py, with a larger shape."""
@@ -74,8 +89,13 @@ def save_tiny_hf_model(folder, objective: str, max_positions: int = 256, hidden_
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    shape = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": heads,
-             "intermediate_size": 2 * hidden_size, "max_position_embeddings": max_positions}
+    shape = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 2 * hidden_size,
+        "max_position_embeddings": max_positions,
+    }
     if objective == "causal":
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **ids, **shape))
     else:

@@ -19,7 +19,10 @@ from tests.conftest import MASK, make_vocab, random_ids
 
 def counters(**values):
     vocab_size = 4
-    base = {name: torch.zeros(vocab_size) for name in ("correct", "seen", "masked_loss", "masked_seen", "entropy", "entropy_seen")}
+    base = {
+        name: torch.zeros(vocab_size)
+        for name in ("correct", "seen", "masked_loss", "masked_seen", "entropy", "entropy_seen")
+    }
     base.update({k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()})
     return base
 
@@ -56,8 +59,13 @@ def test_accumulate_counts_labelled_positions_per_type():
     callback._reset(6, torch.device("cpu"))
     labels = torch.tensor([[2, IGNORE_INDEX, 5], [5, 5, IGNORE_INDEX]])
     inputs = torch.tensor([[MASK, 1, 3], [MASK, 5, 0]])
-    stats = TokenStats(labels, inputs, torch.tensor([[1.0, 9.0, 2.0], [3.0, 4.0, 9.0]]),
-                       torch.tensor([[True, False, False], [True, True, False]]), None)
+    stats = TokenStats(
+        labels,
+        inputs,
+        torch.tensor([[1.0, 9.0, 2.0], [3.0, 4.0, 9.0]]),
+        torch.tensor([[True, False, False], [True, True, False]]),
+        None,
+    )
     callback.accumulate(stats, MASK)
     c = callback.counters
     assert c["seen"].tolist() == [0, 0, 1, 0, 0, 3] and c["correct"].tolist() == [0, 0, 1, 0, 0, 2]
@@ -79,7 +87,7 @@ def test_policy_masks_hard_types_more_and_keeps_p_times_l_per_sequence():
     torch.testing.assert_close(p.sum(1), 0.15 * maskable)  # expected count p·L per sequence
     masked = policy.select(block, torch.Generator().manual_seed(0))
     hard = (ids >= 20) & (ids < 40)
-    easy = (ids >= 40)
+    easy = ids >= 40
     rate_hard, rate_easy = masked[hard].float().mean(), masked[easy].float().mean()
     assert rate_hard / rate_easy == pytest.approx(4.0, rel=0.05)
     assert not masked[block.special].any()
@@ -95,8 +103,14 @@ def test_updated_weights_reach_persistent_worker_processes():
     policy.ratio = 0.15
     policy.setup(vocab)
     ids = random_ids(128, 64, vocab)
-    loader = DataLoader(IndexedBlocks(ids.int().numpy()), batch_size=32, num_workers=2, persistent_workers=True,
-                        collate_fn=MaskingCollator(policy, vocab, 0), prefetch_factor=1)
+    loader = DataLoader(
+        IndexedBlocks(ids.int().numpy()),
+        batch_size=32,
+        num_workers=2,
+        persistent_workers=True,
+        collate_fn=MaskingCollator(policy, vocab, 0),
+        prefetch_factor=1,
+    )
     hard = (ids >= 20) & (ids < 30)
 
     def hard_share():
@@ -153,7 +167,9 @@ def _random_stats(seed):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(5, 16, (4, 8), generator=g)
     labels[torch.rand(4, 8, generator=g) < 0.5] = IGNORE_INDEX
-    return TokenStats(labels, torch.full((4, 8), MASK), torch.rand(4, 8, generator=g), torch.rand(4, 8, generator=g) < 0.5, None)
+    return TokenStats(
+        labels, torch.full((4, 8), MASK), torch.rand(4, 8, generator=g), torch.rand(4, 8, generator=g) < 0.5, None
+    )
 
 
 def test_ddp_ranks_agree_and_equal_one_process_over_the_union():
@@ -199,10 +215,15 @@ def test_bad_settings_name_the_key(make, message):
 def _amlm_callbacks(every: int, floor: float = 0.005, end: float = 0.15) -> str:
     import json
 
-    return json.dumps([
-        {"class_path": "callbacks.MaskRatioSchedule", "init_args": {"start": 0.4, "end": end}},
-        {"class_path": "callbacks.AdaptiveMaskingCallback", "init_args": {"every_n_batches": every, "floor": floor}},
-    ])
+    return json.dumps(
+        [
+            {"class_path": "callbacks.MaskRatioSchedule", "init_args": {"start": 0.4, "end": end}},
+            {
+                "class_path": "callbacks.AdaptiveMaskingCallback",
+                "init_args": {"every_n_batches": every, "floor": floor},
+            },
+        ]
+    )
 
 
 def _histogram_steps(run_dir):
@@ -226,10 +247,30 @@ def test_amlm_run_updates_every_n_steps_and_resumes_exactly(end, tiny_args, tmp_
     from experiments.run import main
     from tests.test_run import scalars
 
-    common = [*tiny_args, "--trainer.max_steps", "8", "--trainer.callbacks", _amlm_callbacks(3, end=end),
-              "--checkpoint.every_n_train_steps", "1", "--checkpoint.monitor", "null"]
-    main(["--config", "experiments/configs/amlm_hard.yaml", *common, "--experiment", "full",
-          "--checkpoint.save_top_k", "-1", "--checkpoint.filename", "step{step}"])
+    common = [
+        *tiny_args,
+        "--trainer.max_steps",
+        "8",
+        "--trainer.callbacks",
+        _amlm_callbacks(3, end=end),
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--checkpoint.monitor",
+        "null",
+    ]
+    main(
+        [
+            "--config",
+            "experiments/configs/amlm_hard.yaml",
+            *common,
+            "--experiment",
+            "full",
+            "--checkpoint.save_top_k",
+            "-1",
+            "--checkpoint.filename",
+            "step{step}",
+        ]
+    )
     full_dir = tmp_path / "runs" / "full" / "version_0"
     assert _histogram_steps(full_dir) == [3, 6]  # first update at step 3, never at step 0
     resumed_dir = tmp_path / "runs" / "part" / "version_0" / "checkpoints"
@@ -260,7 +301,15 @@ def test_floor_at_or_above_the_ratio_is_refused(tiny_args, capsys):
     from experiments.run import main
 
     with pytest.raises(SystemExit):
-        main(["--config", "experiments/configs/amlm_hard.yaml", *tiny_args, "--trainer.callbacks", _amlm_callbacks(3, floor=0.5)])
+        main(
+            [
+                "--config",
+                "experiments/configs/amlm_hard.yaml",
+                *tiny_args,
+                "--trainer.callbacks",
+                _amlm_callbacks(3, floor=0.5),
+            ]
+        )
     assert "AdaptiveMaskingCallback.floor=0.5 must be below the mask ratio 0.4" in capsys.readouterr().err
 
 
@@ -268,7 +317,15 @@ def test_adaptive_callback_needs_the_adaptive_policy(tiny_args, capsys):
     from experiments.run import main
 
     with pytest.raises(SystemExit):
-        main(["--config", "experiments/configs/amlm_hard.yaml", *tiny_args, "--data.masking", "datamodules.RandomMLMMask"])
+        main(
+            [
+                "--config",
+                "experiments/configs/amlm_hard.yaml",
+                *tiny_args,
+                "--data.masking",
+                "datamodules.RandomMLMMask",
+            ]
+        )
     assert "AdaptiveMaskingCallback needs data.masking=AdaptiveMLMMask, got RandomMLMMask" in capsys.readouterr().err
 
 

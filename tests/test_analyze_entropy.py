@@ -6,8 +6,23 @@ from experiments.analyze_entropy import main
 from experiments.run import main as run_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-KEYS = {"model", "objective", "n_tokens", "mean_entropy", "accuracy", "mean_loss", "forking_threshold", "forking_share",
-        "forking_entropy_share", "top20_entropy_share", "quantiles", "histogram", "by_position", "by_frequency", "plots"}
+KEYS = {
+    "model",
+    "objective",
+    "n_tokens",
+    "mean_entropy",
+    "accuracy",
+    "mean_loss",
+    "forking_threshold",
+    "forking_share",
+    "forking_entropy_share",
+    "top20_entropy_share",
+    "quantiles",
+    "histogram",
+    "by_position",
+    "by_frequency",
+    "plots",
+}
 
 
 @pytest.mark.parametrize(("config", "objective"), [("ntp", "causal"), ("mlm_random", "mlm")])
@@ -17,7 +32,7 @@ def test_analysis_of_a_tiny_run_writes_json_and_plots(config, objective, tiny_ar
     summary = main(["--run", str(run), "--documents", "20", "--max-blocks", "8"])
     out = run / "analysis" / "entropy"
     written = json.loads((out / "entropy.json").read_text())  # strict JSON: no NaN
-    assert KEYS <= set(written) and written["objective"] == objective
+    assert set(written) >= KEYS and written["objective"] == objective
     assert written["block_size"] == 32  # the run's own
     for name in written["plots"]:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
@@ -34,7 +49,9 @@ def test_analysis_of_a_tiny_run_writes_json_and_plots(config, objective, tiny_ar
 def test_an_hf_model_folder_and_a_text_file_work_too(tiny_args, tmp_path):
     run_main(["--config", "experiments/configs/ntp.yaml", *tiny_args, "--trainer.max_steps", "1"])
     text = tmp_path / "held_out.txt"
-    text.write_text("\n\n".join(f"The cat number {i} sat on the mat. A dog ran away! Did it come back?" for i in range(30)))
+    text.write_text(
+        "\n\n".join(f"The cat number {i} sat on the mat. A dog ran away! Did it come back?" for i in range(30))
+    )
     hf_model = tmp_path / "runs" / "ntp" / "version_0" / "hf_model"
     summary = main(["--run", str(hf_model), "--text", str(text), "--block-size", "16", "--out", str(tmp_path / "out")])
     assert summary["block_size"] == 16 and (tmp_path / "out" / "entropy.json").exists()

@@ -23,18 +23,22 @@ from tests.conftest import TINY
 from tests.test_run import scalars
 
 # One layer, one head, L = 4, causal; position 1 is masked. Rows are queries.
-CLEAN = torch.tensor([
-    [1.0, 0.0, 0.0, 0.0],
-    [0.5, 0.5, 0.0, 0.0],
-    [0.2, 0.3, 0.5, 0.0],
-    [0.1, 0.2, 0.3, 0.4],
-])
-MASKED = torch.tensor([
-    [1.0, 0.0, 0.0, 0.0],
-    [0.8, 0.2, 0.0, 0.0],
-    [0.1, 0.1, 0.8, 0.0],
-    [0.1, 0.1, 0.2, 0.6],
-])
+CLEAN = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0, 0.0],
+        [0.2, 0.3, 0.5, 0.0],
+        [0.1, 0.2, 0.3, 0.4],
+    ]
+)
+MASKED = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.8, 0.2, 0.0, 0.0],
+        [0.1, 0.1, 0.8, 0.0],
+        [0.1, 0.1, 0.2, 0.6],
+    ]
+)
 IS_MASKED = torch.tensor([[False, True, False, False]])
 ALL_VALID = torch.ones(1, 4, dtype=torch.bool)
 
@@ -70,7 +74,9 @@ def test_variance_increase_by_hand():
 def test_padding_and_layers_count_as_defined():
     # position 3 is padding: query 3 and key 3 drop out, so only query 2 counts
     valid = torch.tensor([[True, True, True, False]])
-    assert masked_score_decay(one_layer(CLEAN), one_layer(MASKED), IS_MASKED, valid).relative == pytest.approx((0.3 - 0.1) / 0.3)
+    assert masked_score_decay(one_layer(CLEAN), one_layer(MASKED), IS_MASKED, valid).relative == pytest.approx(
+        (0.3 - 0.1) / 0.3
+    )
     # a second layer that masking leaves unchanged: overall means weigh both layers equally
     clean = [one_layer(CLEAN)[0], one_layer(CLEAN)[0]]  # a list of [B, H, L, L], as transformers returns
     masked = [one_layer(MASKED)[0], one_layer(CLEAN)[0]]
@@ -86,7 +92,9 @@ def test_bidirectional_attention_counts_later_keys():
     decay = masked_score_decay(one_layer(full), one_layer(dimmed), IS_MASKED, ALL_VALID, causal=False)
     assert decay.relative == pytest.approx((0.25 - 0.1) / 0.25)
     # unmasked keys {0, 2, 3} hold equal weights in both runs: no variance, so 0 / 0
-    assert math.isnan(variance_increase(one_layer(full), one_layer(dimmed), IS_MASKED, ALL_VALID, causal=False).relative)
+    assert math.isnan(
+        variance_increase(one_layer(full), one_layer(dimmed), IS_MASKED, ALL_VALID, causal=False).relative
+    )
 
 
 def test_segment_shares_by_hand():
@@ -95,13 +103,15 @@ def test_segment_shares_by_hand():
     head_2 = torch.tensor([0.4, 0.2, 0.1, 0.3])
     attn = torch.stack([CLEAN, CLEAN.clone().index_put_((torch.tensor(3),), head_2)])[None, None]  # [1, 1, H=2, 4, 4]
     shares = segment_shares(attn, segments, query_rows)
-    assert shares == pytest.approx({
-        "context_before": (0.2 + 0.2) / 2,
-        "answer": (0.3 + 0.1) / 2,
-        "context_after": 0.0,
-        "query": (0.4 + 0.3) / 2,
-        "other": (0.1 + 0.4) / 2,
-    })
+    assert shares == pytest.approx(
+        {
+            "context_before": (0.2 + 0.2) / 2,
+            "answer": (0.3 + 0.1) / 2,
+            "context_after": 0.0,
+            "query": (0.4 + 0.3) / 2,
+            "other": (0.1 + 0.4) / 2,
+        }
+    )
 
 
 # ---- a hand-made model: random tiny Llama and BERT -----------------------------------------------
@@ -190,8 +200,17 @@ def test_options_name_the_key_at_fault(tiny_causal_dir):
 @pytest.fixture(scope="module")
 def meap_attention_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("meap_attention")
-    cli = main(["--config", "experiments/configs/meap_attention.yaml", *TINY,
-                "--runs_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache")])
+    cli = main(
+        [
+            "--config",
+            "experiments/configs/meap_attention.yaml",
+            *TINY,
+            "--runs_dir",
+            str(root / "runs"),
+            "--data.cache_dir",
+            str(root / "cache"),
+        ]
+    )
     return cli, root / "runs" / "meap_attention" / "version_0"
 
 

@@ -21,11 +21,18 @@ def test_benchmark_runs_all_three_sides_and_prints_the_table(objective, capsys):
     else:  # every position but the last predicts the next token
         assert flops == counts.training_flops(4, 64, 4 * 63)
     out = capsys.readouterr().out
-    for row in ("| Lightning Trainer, masklab loss |", "| throughput Lightning Trainer / plain loop |",
-                "| throughput masklab loss / transformers' own loss (plain loops) |", "| MFU, Lightning Trainer | n/a"):
+    for row in (
+        "| Lightning Trainer, masklab loss |",
+        "| throughput Lightning Trainer / plain loop |",
+        "| throughput masklab loss / transformers' own loss (plain loops) |",
+        "| MFU, Lightning Trainer | n/a",
+    ):
         assert row in out
 
 
 def test_mfu_uses_the_given_peak(capsys):
     trainer = gpu.main([*TINY, "--peak-flops", "1e9"])["trainer"]
-    assert f"| MFU, Lightning Trainer | {trainer.flops_per_step / trainer.step_seconds / 1e9:.1%} of 0.001 TFLOP/s |" in capsys.readouterr().out
+    assert (
+        f"| MFU, Lightning Trainer | {trainer.flops_per_step / trainer.step_seconds / 1e9:.1%} of 0.001 TFLOP/s |"
+        in capsys.readouterr().out
+    )

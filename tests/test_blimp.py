@@ -27,8 +27,17 @@ def pair(good: str, bad: str, uid: str, field: str = "syntax") -> dict:
 def small_blimp(tmp_path) -> Path:
     folder = tmp_path / "blimp"
     folder.mkdir()
-    write_pairs(folder / "a.jsonl", [pair("The cat sits.", "The cat sit.", "agreement", "morphology"), pair("Dogs run.", "Dogs runs.", "agreement", "morphology")])
-    write_pairs(folder / "b.jsonl", [pair("Who left?", "Who left him?", "island"), pair("What fell?", "What fell it?", "island")])
+    write_pairs(
+        folder / "a.jsonl",
+        [
+            pair("The cat sits.", "The cat sit.", "agreement", "morphology"),
+            pair("Dogs run.", "Dogs runs.", "agreement", "morphology"),
+        ],
+    )
+    write_pairs(
+        folder / "b.jsonl",
+        [pair("Who left?", "Who left him?", "island"), pair("What fell?", "What fell it?", "island")],
+    )
     return folder
 
 
@@ -36,7 +45,9 @@ def test_accuracy_overall_by_field_and_by_paradigm(small_blimp, tiny_causal_dir,
     loaded = load_model(str(tiny_causal_dir))
     # a hand-made scorer: prefers the good sentence of every pair but "What fell?"
     preferred = {"The cat sits.", "Dogs run.", "Who left?", "What fell it?"}
-    monkeypatch.setattr(blimp, "sentence_scores", lambda _, sentences, __: torch.tensor([float(s in preferred) for s in sentences]))
+    monkeypatch.setattr(
+        blimp, "sentence_scores", lambda _, sentences, __: torch.tensor([float(s in preferred) for s in sentences])
+    )
     result = blimp.run(loaded, blimp.Options(data=str(small_blimp)))
     assert result.metrics["acc"] == 0.75
     assert result.metrics["paradigm/agreement"] == 1.0 and result.metrics["paradigm/island"] == 0.5
@@ -46,7 +57,9 @@ def test_accuracy_overall_by_field_and_by_paradigm(small_blimp, tiny_causal_dir,
 def test_a_model_that_always_prefers_the_good_sentence_scores_100(small_blimp, tiny_causal_dir, monkeypatch):
     loaded = load_model(str(tiny_causal_dir))
     good = {p["sentence_good"] for f in small_blimp.iterdir() for p in map(json.loads, f.read_text().splitlines())}
-    monkeypatch.setattr(blimp, "sentence_scores", lambda _, sentences, __: torch.tensor([float(s in good) for s in sentences]))
+    monkeypatch.setattr(
+        blimp, "sentence_scores", lambda _, sentences, __: torch.tensor([float(s in good) for s in sentences])
+    )
     assert blimp.run(loaded, blimp.Options(data=str(small_blimp))).metrics["acc"] == 1.0
     monkeypatch.setattr(blimp, "sentence_scores", lambda _, sentences, __: torch.zeros(len(sentences)))
     assert blimp.run(loaded, blimp.Options(data=str(small_blimp))).metrics["acc"] == 0.0  # a tie is no preference
@@ -69,7 +82,10 @@ def test_bad_input_names_the_file_and_line(tmp_path, tiny_causal_dir):
     with pytest.raises(ConfigError, match="exactly one of"):
         blimp.run(loaded, blimp.Options())
     with pytest.raises(ConfigError, match="nope not in the data"):
-        blimp.run(loaded, blimp.Options(data=str(write_pairs(tmp_path / "ok.jsonl", [pair("A.", "B.", "x")])), paradigms=["nope"]))
+        blimp.run(
+            loaded,
+            blimp.Options(data=str(write_pairs(tmp_path / "ok.jsonl", [pair("A.", "B.", "x")])), paradigms=["nope"]),
+        )
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/blimp is absent")
@@ -89,7 +105,10 @@ def test_reader_on_the_real_blimp_files():
 def test_a_datasets_source_reads_like_the_files(tmp_path, tiny_causal_dir):
     from datasets import Dataset
 
-    rows = [pair("The cat sits.", "The cat sit.", "agreement", "morphology"), pair("Who left?", "Who left him?", "island")]
+    rows = [
+        pair("The cat sits.", "The cat sit.", "agreement", "morphology"),
+        pair("Who left?", "Who left him?", "island"),
+    ]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     from_files = blimp.load_pairs(blimp.Options(data=str(write_pairs(tmp_path / "p.jsonl", rows))))
     assert blimp.load_pairs(blimp.Options(hf_dataset=str(tmp_path / "saved"))) == from_files

@@ -12,7 +12,14 @@ from lightning_modules import MaskedLMModule
 from lightning_modules.teacher import load_teacher
 
 TOKENS = ["", "", "", "", ""] + [f"tok{i}" for i in range(35)]
-VOCAB = {"vocab_size": 40, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "mask_token_id": 4, "tokens": TOKENS}
+VOCAB = {
+    "vocab_size": 40,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "mask_token_id": 4,
+    "tokens": TOKENS,
+}
 TINY = dict(vocab=VOCAB, block_size=8, hidden_size=16, num_layers=1, num_heads=2)
 
 
@@ -82,7 +89,10 @@ def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: MaskedLMModule(**TINY, distill_from="/no/teacher"), "model.distill_from: '/no/teacher' is not a saved"),
+        (
+            lambda: MaskedLMModule(**TINY, distill_from="/no/teacher"),
+            "model.distill_from: '/no/teacher' is not a saved",
+        ),
         (lambda: MaskedLMModule(**TINY, distill_alpha=1.5), "model.distill_alpha must be in [0, 1], got 1.5"),
         (lambda: EntropyMaskingCallback(selection="middle"), "selection must be 'high' or 'low'"),
         (lambda: EntropyMaskingCallback(strategy="sample", temperature=0), "temperature must be > 0, got 0"),
@@ -150,8 +160,19 @@ def test_per_type_entropy_from_a_teacher(tiny_args, tmp_path):
 
     main(["--config", "experiments/configs/mlm_random.yaml", *tiny_args, "--trainer.max_steps", "2"])
     teacher = tmp_path / "runs" / "mlm_random" / "version_0" / "hf_model"
-    callbacks = json.dumps([{"class_path": "callbacks.AdaptiveMaskingCallback", "init_args": {
-        "every_n_batches": 2, "scoring": "entropy", "entropy_source": "teacher", "teacher_path": str(teacher)}}])
+    callbacks = json.dumps(
+        [
+            {
+                "class_path": "callbacks.AdaptiveMaskingCallback",
+                "init_args": {
+                    "every_n_batches": 2,
+                    "scoring": "entropy",
+                    "entropy_source": "teacher",
+                    "teacher_path": str(teacher),
+                },
+            }
+        ]
+    )
     cli = main(["--config", "experiments/configs/entropy_per_type.yaml", *tiny_args, "--trainer.callbacks", callbacks])
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "AdaptiveMaskingCallback")
     assert callback.teacher is not None and not cli.model.collect_entropy  # the student computes none

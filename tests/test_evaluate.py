@@ -27,12 +27,24 @@ def trained_run(tmp_path_factory) -> Path:
     """A tiny NTP run trained for 4 steps with the suites evaluated every 2 steps and at the end."""
     tmp = tmp_path_factory.mktemp("trained")
     config = yaml.safe_load(Path("experiments/configs/ntp.yaml").read_text())
-    config["trainer"]["callbacks"] = [{"class_path": "callbacks.EvaluationCallback", "init_args": {"suites": SMALL_SUITES, "every_n_steps": 2}}]
+    config["trainer"]["callbacks"] = [
+        {"class_path": "callbacks.EvaluationCallback", "init_args": {"suites": SMALL_SUITES, "every_n_steps": 2}}
+    ]
     config["model"]["init_args"]["max_position_embeddings"] = 256
     (tmp / "ntp_eval.yaml").write_text(yaml.safe_dump(config))
     from tests.conftest import TINY
 
-    train(["--config", str(tmp / "ntp_eval.yaml"), *TINY, "--runs_dir", str(tmp / "runs"), "--data.cache_dir", str(tmp / "cache")])
+    train(
+        [
+            "--config",
+            str(tmp / "ntp_eval.yaml"),
+            *TINY,
+            "--runs_dir",
+            str(tmp / "runs"),
+            "--data.cache_dir",
+            str(tmp / "cache"),
+        ]
+    )
     return tmp / "runs" / "ntp_eval" / "version_0"
 
 
@@ -44,7 +56,13 @@ def test_the_callback_logs_every_suite_during_and_after_training(trained_run):
     assert {"val/loss", "eval/needle/acc", "eval/retrieval/kv/acc", "eval/ppl/ppl"} <= set(metrics)
     assert metrics["eval/ppl/ppl"] == pytest.approx(tags["eval/ppl/ppl"][4])
     files = {p.name for p in (trained_run / "eval").iterdir()}
-    assert {"report.md", "needle_heatmap.png", "retrieval_by_position.png", "attention_segments.png", "ppl.json"} <= files
+    assert {
+        "report.md",
+        "needle_heatmap.png",
+        "retrieval_by_position.png",
+        "attention_segments.png",
+        "ppl.json",
+    } <= files
 
 
 def tiny_rte(folder: Path) -> Path:
@@ -58,11 +76,37 @@ def tiny_rte(folder: Path) -> Path:
 
 def test_evaluate_merges_into_metrics_json_and_keeps_earlier_keys(trained_run, tmp_path, capsys):
     blimp = tmp_path / "blimp.jsonl"
-    blimp.write_text(json.dumps({"sentence_good": "The cat sits.", "sentence_bad": "The cat sit.", "field": "morphology", "UID": "agr"}) + "\n")
+    blimp.write_text(
+        json.dumps(
+            {"sentence_good": "The cat sits.", "sentence_bad": "The cat sit.", "field": "morphology", "UID": "agr"}
+        )
+        + "\n"
+    )
     before = json.loads((trained_run / "metrics.json").read_text())
-    metrics = evaluate(["--run", str(trained_run), "--suites", "blimp,ppl,glue", "--blimp.data", str(blimp), "--ppl.max_blocks", "2",
-                        "--glue.data_dir", str(tiny_rte(tmp_path / "glue")), "--glue.tasks", "[rte]", "--glue.seeds", "[0]",
-                        "--glue.epochs", "1", "--glue.accelerator", "cpu", "--step", "7"])
+    metrics = evaluate(
+        [
+            "--run",
+            str(trained_run),
+            "--suites",
+            "blimp,ppl,glue",
+            "--blimp.data",
+            str(blimp),
+            "--ppl.max_blocks",
+            "2",
+            "--glue.data_dir",
+            str(tiny_rte(tmp_path / "glue")),
+            "--glue.tasks",
+            "[rte]",
+            "--glue.seeds",
+            "[0]",
+            "--glue.epochs",
+            "1",
+            "--glue.accelerator",
+            "cpu",
+            "--step",
+            "7",
+        ]
+    )
     assert 0.0 <= metrics["eval/glue/rte/acc"] <= 1.0 and "eval/glue/score" in metrics
     after = json.loads((trained_run / "metrics.json").read_text())
     assert after["eval/needle/acc"] == before["eval/needle/acc"] and after["val/loss"] == before["val/loss"]
@@ -74,7 +118,20 @@ def test_evaluate_merges_into_metrics_json_and_keeps_earlier_keys(trained_run, t
 
 
 def test_a_bare_hf_model_folder_is_evaluated_in_place(tiny_mlm_dir, tmp_path):
-    metrics = evaluate(["--run", str(tiny_mlm_dir), "--suites", "ppl", "--ppl.block_size", "16", "--ppl.max_blocks", "1", "--out", str(tmp_path / "out")])
+    metrics = evaluate(
+        [
+            "--run",
+            str(tiny_mlm_dir),
+            "--suites",
+            "ppl",
+            "--ppl.block_size",
+            "16",
+            "--ppl.max_blocks",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "eval/ppl/pseudo_ppl" in metrics and (tmp_path / "out" / "report.md").is_file()
     assert "eval/ppl/pseudo_ppl" in json.loads((tiny_mlm_dir / "metrics.json").read_text())
 
@@ -105,6 +162,11 @@ def test_callback_options_are_checked_before_training():
 
 def test_the_command_starts_in_a_fresh_interpreter(tiny_causal_dir):
     """Import order matters only when `experiments.evaluate` is the first module loaded."""
-    done = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--run", str(tiny_causal_dir), "--suites", "bleu"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", "--run", str(tiny_causal_dir), "--suites", "bleu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: unknown suite(s) 'bleu'")

@@ -32,7 +32,10 @@ def test_prompt_start_cuts_the_prompt_keeps_the_answer_and_counts():
     prepared = fit([("10 11 12 13 14 15", "30 31"), ("10", "30 31 32 33 34")], 6, "prompt_start")
     assert [ids.tolist() for ids in prepared.ids] == [[BOS, 14, 15, 30, 31, EOS]]
     assert prepared.answer_spans == [(3, 6)]
-    assert prepared.events == {"prompts cut at their start": 1, "dropped: the answer alone is longer than data.block_size": 1}
+    assert prepared.events == {
+        "prompts cut at their start": 1,
+        "dropped: the answer alone is longer than data.block_size": 1,
+    }
     assert prepared.summary().startswith("1 of 2 samples kept")
 
 
@@ -40,8 +43,10 @@ def test_end_truncation_cuts_the_answer_and_reports_a_prompt_that_fills_the_bloc
     prepared = fit([("10 11 12", "30 31 32 33"), ("10 11 12 13", "30"), ("10", "30")], 6, "end")
     assert [ids.tolist() for ids in prepared.ids] == [[BOS, 10, 11, 12, 30, EOS], [BOS, 10, 30, EOS]]
     assert prepared.answer_spans == [(4, 5), (2, 4)]  # a cut answer's EOS carries no loss
-    assert prepared.events == {"answers cut at their end (truncation=end)": 1,
-                               "dropped: the prompt fills data.block_size, no answer token left": 1}
+    assert prepared.events == {
+        "answers cut at their end (truncation=end)": 1,
+        "dropped: the prompt fills data.block_size, no answer token left": 1,
+    }
 
 
 def test_drop_truncation_drops_overlong_samples():
@@ -55,8 +60,13 @@ def write_jsonl(path, records):
 
 
 def datamodule(tmp_path, records, **kwargs):
-    dm = FineTuneDataModule(data_path=write_jsonl(tmp_path / "train.jsonl", records), prompt_template="{prompt}",
-                            answer_template="{answer}", cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm = FineTuneDataModule(
+        data_path=write_jsonl(tmp_path / "train.jsonl", records),
+        prompt_template="{prompt}",
+        answer_template="{answer}",
+        cache_dir=str(tmp_path / "cache"),
+        **kwargs,
+    )
     dm.__dict__["tokenizer"], dm.__dict__["vocab"] = DigitTokenizer(), make_vocab()
     return dm
 
@@ -64,8 +74,7 @@ def datamodule(tmp_path, records, **kwargs):
 def test_concatenated_copies_without_room_are_counted_and_warned(tmp_path):
     long_answer = " ".join(["30"] * 51)
     records = [{"prompt": "10 11", "answer": long_answer}] * 3 + [{"prompt": "10", "answer": "30"}] * 3
-    dm = datamodule(tmp_path, records, masking=MEAPFineTuneCollate(), block_size=100, val_fraction=0.34,
-                    batch_size=2)
+    dm = datamodule(tmp_path, records, masking=MEAPFineTuneCollate(), block_size=100, val_fraction=0.34, batch_size=2)
     with pytest.warns(UserWarning, match="2 MEAP copies dropped: no room for the concatenated copy"):
         dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -75,8 +84,14 @@ def test_concatenated_copies_without_room_are_counted_and_warned(tmp_path):
 @pytest.mark.parametrize(
     ("records", "message"),
     [
-        ([{"prompt": "10", "answer": "30"}, {"prompt": "10", "response": "30"}], "train.jsonl line 2: no 'answer' field"),
-        ([{"prompt": "10", "answer": "30"}, {"prompt": "10", "answer": "  "}], "train.jsonl line 2: the answer (field 'answer') is empty"),
+        (
+            [{"prompt": "10", "answer": "30"}, {"prompt": "10", "response": "30"}],
+            "train.jsonl line 2: no 'answer' field",
+        ),
+        (
+            [{"prompt": "10", "answer": "30"}, {"prompt": "10", "answer": "  "}],
+            "train.jsonl line 2: the answer (field 'answer') is empty",
+        ),
         (['{"prompt": "10", "answer": '], "train.jsonl line 1: not a JSON object"),
     ],
 )
@@ -87,8 +102,17 @@ def test_bad_samples_name_the_file_and_line(records, message, tmp_path):
 
 def test_bad_config_values_are_named(tiny_args, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", "experiments/configs/sft_meap.yaml", *tiny_args, "--data.masking.init_args.ratio", "1.5",
-              "--data.truncation", "middle"])
+        main(
+            [
+                "--config",
+                "experiments/configs/sft_meap.yaml",
+                *tiny_args,
+                "--data.masking.init_args.ratio",
+                "1.5",
+                "--data.truncation",
+                "middle",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "data.masking.init_args.ratio must be in [0, 1], got 1.5" in err and "data.truncation must be one of" in err
@@ -97,8 +121,13 @@ def test_bad_config_values_are_named(tiny_args, capsys, tmp_path):
 
 def test_init_from_a_missing_folder_is_a_config_error():
     with pytest.raises(ConfigError, match="model.init_from: '/no/such/run' is neither a run dir"):
-        CausalLMModule(vocab={"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-                       hidden_size=32, num_layers=1, num_heads=4, init_from="/no/such/run")
+        CausalLMModule(
+            vocab={"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+            hidden_size=32,
+            num_layers=1,
+            num_heads=4,
+            init_from="/no/such/run",
+        )
 
 
 @pytest.fixture
@@ -109,8 +138,19 @@ def pretrained(tiny_args, tmp_path):
 
 @pytest.mark.parametrize("config", ["sft_plain", "sft_meap", "sft_meap_reference"])
 def test_tiny_fine_tune_of_a_tiny_pretrained_run(config, pretrained, tiny_args, tmp_path):
-    cli = main(["--config", f"experiments/configs/{config}.yaml", *tiny_args, "--data.block_size", "1024",
-                "--model.init_args.init_from", str(pretrained), "--data.init_args.tokenizer_path", str(pretrained)])
+    cli = main(
+        [
+            "--config",
+            f"experiments/configs/{config}.yaml",
+            *tiny_args,
+            "--data.block_size",
+            "1024",
+            "--model.init_args.init_from",
+            str(pretrained),
+            "--data.init_args.tokenizer_path",
+            str(pretrained),
+        ]
+    )
     run_dir = tmp_path / "runs" / config / "version_0"
     assert (run_dir / "hf_model" / "model.safetensors").exists()
     assert json.loads((run_dir / "metrics.json").read_text())["val/loss"] > 0
@@ -118,8 +158,16 @@ def test_tiny_fine_tune_of_a_tiny_pretrained_run(config, pretrained, tiny_args, 
     assert (share > 0) == (config != "sft_plain")  # MEAP rows carry masks; plain SFT never
     # the fine-tune started from the pre-trained weights
     vocab = cli.datamodule.model_vocab
-    start = CausalLMModule(vocab=vocab, block_size=1024, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
-                           max_position_embeddings=1024, init_from=str(pretrained))
+    start = CausalLMModule(
+        vocab=vocab,
+        block_size=1024,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=1024,
+        init_from=str(pretrained),
+    )
     saved = AutoModelForCausalLM.from_pretrained(pretrained / "hf_model", local_files_only=True)
     for name, tensor in saved.state_dict().items():
         torch.testing.assert_close(start.model.state_dict()[name], tensor)
@@ -127,14 +175,20 @@ def test_tiny_fine_tune_of_a_tiny_pretrained_run(config, pretrained, tiny_args, 
 
 def test_the_study_runs_at_tiny_scale(tmp_path):
     shipped = yaml.safe_load(open("experiments/configs/studies/meap_sft.yaml"))
-    assert set(shipped["pretrain"]["configs"]) == {"ntp", "meap"} and set(shipped["finetune"]["configs"]) == {"plain", "meap"}
+    assert set(shipped["pretrain"]["configs"]) == {"ntp", "meap"} and set(shipped["finetune"]["configs"]) == {
+        "plain",
+        "meap",
+    }
     from tests.conftest import TINY
 
-    tiny = {**shipped, "runs_dir": str(tmp_path / "runs"),
-            "shared_args": [*TINY, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2"],
-            "finetune": {**shipped["finetune"], "args": ["--data.block_size", "256"]},
-            "pretrain": {**shipped["pretrain"], "args": []},
-            "eval": {"examples": 8, "bins": 2}}
+    tiny = {
+        **shipped,
+        "runs_dir": str(tmp_path / "runs"),
+        "shared_args": [*TINY, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2"],
+        "finetune": {**shipped["finetune"], "args": ["--data.block_size", "256"]},
+        "pretrain": {**shipped["pretrain"], "args": []},
+        "eval": {"examples": 8, "bins": 2},
+    }
     results = study.study(tiny)
     assert set(results) == {"ntp+sft_plain", "ntp+sft_meap", "meap+sft_plain", "meap+sft_meap"}
     assert all(r["examples"] == 8 and len(r["by_position"]) == 2 for r in results.values())

@@ -183,7 +183,12 @@ def test_encode_frames_like_pretraining(tiny_mlm_dir):
     (features,) = glue.encode(examples, loaded, max_length=24)
     ids = features["input_ids"]
     assert len(ids) == 24 and features["label"] == 1
-    assert [i for i, t in enumerate(ids) if t in (bos, eos)] == [0, first + 1, first + 2, 23]  # <bos> a <eos> <bos> b <eos>
+    assert [i for i, t in enumerate(ids) if t in (bos, eos)] == [
+        0,
+        first + 1,
+        first + 2,
+        23,
+    ]  # <bos> a <eos> <bos> b <eos>
     assert loaded.tokenizer.decode(ids[1 : first + 1]) == "good ."  # the short text whole, the long one cut
 
 
@@ -223,8 +228,19 @@ def test_summary_means_and_sample_std():
     }
     metrics = glue.summarise(tasks, per_seed)
     assert list(metrics)[:2] == ["score", "score_std"]
-    assert set(metrics) == {"score", "score_std", "mrpc/acc", "mrpc/acc_std", "mrpc/f1", "mrpc/f1_std", "cola/mcc", "cola/mcc_std"}
-    assert metrics["mrpc/acc"] == pytest.approx(0.7) and metrics["mrpc/acc_std"] == pytest.approx(statistics.stdev([0.8, 0.6]))
+    assert set(metrics) == {
+        "score",
+        "score_std",
+        "mrpc/acc",
+        "mrpc/acc_std",
+        "mrpc/f1",
+        "mrpc/f1_std",
+        "cola/mcc",
+        "cola/mcc_std",
+    }
+    assert metrics["mrpc/acc"] == pytest.approx(0.7) and metrics["mrpc/acc_std"] == pytest.approx(
+        statistics.stdev([0.8, 0.6])
+    )
     assert metrics["cola/mcc"] == pytest.approx(0.3) and metrics["cola/mcc_std"] == pytest.approx((2 * 0.1**2) ** 0.5)
     per_seed_score = [(0.85 + 0.2) / 2, (0.65 + 0.4) / 2]  # mean over tasks of (MRPC (acc+f1)/2, CoLA mcc)
     assert metrics["score"] == pytest.approx(statistics.fmean(per_seed_score))

@@ -53,7 +53,11 @@ def test_causal_loss_predicts_the_next_token_and_skips_padding():
 def test_batch_with_nothing_to_predict_gives_zero_not_nan():
     module = MaskedLMModule(**TINY)
     input_ids, attention_mask = toy_batch()
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": torch.full_like(input_ids, IGNORE_INDEX),
+    }
     loss, accuracy, count = module.loss(batch)
     assert loss.item() == 0.0 and accuracy.item() == 0.0 and count.item() == 0
     loss.backward()  # still a valid graph
@@ -144,7 +148,9 @@ def test_token_stats_line_up_with_the_labels_they_score():
     assert module.step({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})[1].entropy is None
 
 
-@pytest.mark.parametrize(("name", "millions"), [("llama_100m", (80, 130)), ("llama_500m", (350, 550)), ("llama_1b", (1000, 1400))])
+@pytest.mark.parametrize(
+    ("name", "millions"), [("llama_100m", (80, 130)), ("llama_500m", (350, 550)), ("llama_1b", (1000, 1400))]
+)
 def test_paper_sized_model_configs_build_the_advertised_size(name, millions):
     from pathlib import Path
 
@@ -176,8 +182,15 @@ def full_logits_reference(module, batch: dict, teacher=None) -> tuple[torch.Tens
     if teacher is not None:
         t = module.distill_temperature
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kl = F.kl_div(F.log_softmax(logits[labelled] / t, -1), F.log_softmax(teacher_logits[labelled] / t, -1),
-                      log_target=True, reduction="sum") / labelled.sum()
+        kl = (
+            F.kl_div(
+                F.log_softmax(logits[labelled] / t, -1),
+                F.log_softmax(teacher_logits[labelled] / t, -1),
+                log_target=True,
+                reduction="sum",
+            )
+            / labelled.sum()
+        )
         loss = loss + module.distill_alpha * t * t * kl
     entropy = predictive_entropy(logits) * labelled
     return loss, token_loss, entropy
@@ -217,7 +230,9 @@ def test_logits_at_labelled_positions_only_give_the_full_computation(module_clas
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     head_rows = []
-    hook = module.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: head_rows.append(args[0].shape[0]))
+    hook = module.model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: head_rows.append(args[0].shape[0])
+    )
     loss, stats = module.step(batch)
     hook.remove()
     assert head_rows == [(stats.labels != IGNORE_INDEX).sum().item()]  # the head saw the labelled rows only
@@ -258,8 +273,11 @@ def test_flop_formula_matches_torchs_flop_counter_on_a_real_step(module_class, e
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    module = module_class(**{**TINY, "block_size": 64, "hidden_size": 128, "num_heads": 4, "vocab": {**VOCAB, "vocab_size": 500}},
-                          attn_implementation="eager", **extra)  # torch counts no FLOPs in CPU SDPA kernels
+    module = module_class(
+        **{**TINY, "block_size": 64, "hidden_size": 128, "num_heads": 4, "vocab": {**VOCAB, "vocab_size": 500}},
+        attn_implementation="eager",
+        **extra,
+    )  # torch counts no FLOPs in CPU SDPA kernels
     ids = torch.randint(5, 500, (2, 64))
     labels = ids.clone() if module_class is CausalLMModule else torch.where(torch.rand(2, 64) < 0.15, ids, IGNORE_INDEX)
     with FlopCounterMode(display=False) as counter:

@@ -109,7 +109,9 @@ def test_lm_eval_loglikelihoods_equal_transformers(evaluated: dict[str, Any], ti
                 theirs.append(logprob)
                 ours.append(reference_loglikelihood(model, tokenizer, context, continuation))
     assert len(theirs) >= 4 * LIMIT
-    torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_decoder_loads_as_a_causal_lm_with_its_context(tiny_causal_dir: Path) -> None:

@@ -111,8 +111,12 @@ def test_ratio_is_shared_with_worker_processes(vocab):
     policy.ratio = 0.1
     blocks = random_ids(64, 128, vocab).int().numpy()
     loader = DataLoader(
-        IndexedBlocks(blocks), batch_size=32, num_workers=2, persistent_workers=True,
-        collate_fn=MaskingCollator(policy, vocab, 0), prefetch_factor=1,
+        IndexedBlocks(blocks),
+        batch_size=32,
+        num_workers=2,
+        persistent_workers=True,
+        collate_fn=MaskingCollator(policy, vocab, 0),
+        prefetch_factor=1,
     )
     before = torch.cat([b["masked"] for b in loader]).float().mean().item()
     policy.ratio = 0.6

@@ -20,6 +20,7 @@ def causal(tiny_causal_dir):
 
 def oracle(loaded):
     """Reads the prompt like a perfect model: finds the fact the question asks about."""
+
     def answer(prompts, _new_tokens):
         out = []
         for ids in prompts:
@@ -27,6 +28,7 @@ def oracle(loaded):
             asked = re.search(r"Recall: the (\w+) of (\w+) is$", text)
             out.append(re.search(rf"The {asked[1]} of {asked[2]} is (\d+)\.", text)[1] + ".")
         return out
+
     return answer
 
 
@@ -55,7 +57,9 @@ def test_a_real_model_runs_with_and_without_the_kv_cache(causal, tiny_mlm_dir):
     cached = needle.run(causal, needle.Options(lengths=[80], depths=2, samples=2))
     uncached = needle.run(causal, needle.Options(lengths=[80], depths=2, samples=2, use_cache=False))
     assert cached.details["examples"] == uncached.details["examples"]
-    assert cached.metrics["value_logprob"] == uncached.metrics["value_logprob"] < 0  # teacher-forced: no decoding involved
+    assert (
+        cached.metrics["value_logprob"] == uncached.metrics["value_logprob"] < 0
+    )  # teacher-forced: no decoding involved
     encoder = needle.run(load_model(str(tiny_mlm_dir)), needle.Options(lengths=[80], depths=2, samples=1))
     assert 0.0 <= encoder.metrics["acc"] <= 1.0
 

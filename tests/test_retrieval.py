@@ -18,6 +18,7 @@ def causal(tiny_causal_dir):
 
 def oracle(loaded):
     """Finds the asked key's value in the prompt, as a perfect reader would."""
+
     def answer(prompts, _new_tokens):
         out = []
         for ids in prompts:
@@ -29,12 +30,17 @@ def oracle(loaded):
                 attribute, name = re.search(r"what is the (\w+) of (\w+)\?", text).groups()
                 out.append(re.search(rf"The {attribute} of {name} is (\d+)\.", text)[1])
         return out
+
     return answer
 
 
 def test_the_gold_item_moves_to_each_position():
     example = retrieval.Example(["gold", "a", "b", "c"], 0, "q", ["x"], "qa")
-    assert [example.with_gold_at(p) for p in (0, 2, 3)] == [["gold", "a", "b", "c"], ["a", "b", "gold", "c"], ["a", "b", "c", "gold"]]
+    assert [example.with_gold_at(p) for p in (0, 2, 3)] == [
+        ["gold", "a", "b", "c"],
+        ["a", "b", "gold", "c"],
+        ["a", "b", "c", "gold"],
+    ]
     assert example.truncated(2).items == ["gold", "a"]
     assert retrieval.gold_positions(10, 4) == [0, 3, 6, 9] and retrieval.gold_positions(3, None) == [0, 1, 2]
 
@@ -60,15 +66,22 @@ def test_items_default_to_what_fits_the_context(causal):
 def test_a_real_model_answers_greedily(causal, tiny_mlm_dir):
     result = retrieval.run(causal, retrieval.Options(tasks=["kv"], items=3, examples=2, positions=2))
     assert 0.0 <= result.metrics["acc"] <= 1.0
-    encoder = retrieval.run(load_model(str(tiny_mlm_dir)), retrieval.Options(tasks=["kv"], items=3, examples=2, positions=2))
+    encoder = retrieval.run(
+        load_model(str(tiny_mlm_dir)), retrieval.Options(tasks=["kv"], items=3, examples=2, positions=2)
+    )
     assert 0.0 <= encoder.metrics["kv/acc"] <= 1.0
 
 
 def test_lost_in_the_middle_files_are_read_with_the_gold_moved(tmp_path, causal):
-    qa = {"question": "who wrote it?", "answers": ["Ann Lee"], "ctxs": [
-        {"title": "A", "text": "Bob wrote a song.", "hasanswer": False, "isgold": False},
-        {"title": "B", "text": "Ann Lee wrote it.", "hasanswer": True, "isgold": True},
-        {"title": "C", "text": "Cy read it.", "hasanswer": False, "isgold": False}]}
+    qa = {
+        "question": "who wrote it?",
+        "answers": ["Ann Lee"],
+        "ctxs": [
+            {"title": "A", "text": "Bob wrote a song.", "hasanswer": False, "isgold": False},
+            {"title": "B", "text": "Ann Lee wrote it.", "hasanswer": True, "isgold": True},
+            {"title": "C", "text": "Cy read it.", "hasanswer": False, "isgold": False},
+        ],
+    }
     path = tmp_path / "qa.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write(json.dumps(qa) + "\n")
@@ -79,7 +92,9 @@ def test_lost_in_the_middle_files_are_read_with_the_gold_moved(tmp_path, causal)
     (tmp_path / "kv.jsonl").write_text(json.dumps(kv) + "\n")
     example = retrieval.read_lost_in_the_middle(str(tmp_path / "kv.jsonl"))[0]
     assert example.items[example.gold] == '"k2": "v2"' and example.answers == ["v2"]
-    result = retrieval.run(causal, retrieval.Options(data=str(path), positions=None), answerer=lambda p, n: ["Ann Lee"] * len(p))
+    result = retrieval.run(
+        causal, retrieval.Options(data=str(path), positions=None), answerer=lambda p, n: ["Ann Lee"] * len(p)
+    )
     assert result.metrics["litm_qa/acc"] == 1.0 and result.details["litm_qa"]["positions"] == [1, 2, 3]
 
 
@@ -87,7 +102,9 @@ def test_bad_files_are_named(tmp_path, causal):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: .*missing answers, ctxs"):
         retrieval.read_lost_in_the_middle(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "kv.jsonl").write_text(json.dumps({"ordered_kv_records": [["a", "b"]], "key": "z", "value": "b"}) + "\n")
+    (tmp_path / "kv.jsonl").write_text(
+        json.dumps({"ordered_kv_records": [["a", "b"]], "key": "z", "value": "b"}) + "\n"
+    )
     with pytest.raises(DataError, match="key 'z' is not among"):
         retrieval.read_lost_in_the_middle(str(tmp_path / "kv.jsonl"))
     with pytest.raises(ConfigError, match="unknown nope"):

@@ -37,9 +37,20 @@ def run(config: str, tiny_args: list[str], *extra: str):
     [("mlm_random", AutoModelForMaskedLM), ("ntp", AutoModelForCausalLM), ("meap", AutoModelForCausalLM)],
 )
 def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
-    cli = run(config, tiny_args, "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
-              "--model.init_args.optimizer.warmup_steps", "2", "--model.init_args.optimizer.lr", "0.01",
-              "--trainer.log_every_n_steps", "5")
+    cli = run(
+        config,
+        tiny_args,
+        "--trainer.max_steps",
+        "20",
+        "--trainer.val_check_interval",
+        "20",
+        "--model.init_args.optimizer.warmup_steps",
+        "2",
+        "--model.init_args.optimizer.lr",
+        "0.01",
+        "--trainer.log_every_n_steps",
+        "5",
+    )
     run_dir = tmp_path / "runs" / config / "version_0"
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "checkpoints", "hf_model", "metrics.json"}
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "best-step20.ckpt"}
@@ -47,7 +58,7 @@ def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
     logged = scalars(run_dir)
-    assert REQUIRED_TAGS <= set(logged)
+    assert set(logged) >= REQUIRED_TAGS
     losses = list(logged["train/loss"].values())
     assert losses[-1] < losses[0]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["block_size"] == 32
@@ -84,10 +95,29 @@ def test_a_second_run_never_overwrites_the_first(tiny_args, tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tiny_args, tmp_path):
-    common = [*tiny_args, "--trainer.max_steps", "8", "--trainer.val_check_interval", "3",
-              "--checkpoint.every_n_train_steps", "1", "--model.init_args.dropout", "0.1"]
-    run("mlm_random", common, "--experiment", "full", "--checkpoint.monitor", "null",
-        "--checkpoint.save_top_k", "-1", "--checkpoint.filename", "step{step}")
+    common = [
+        *tiny_args,
+        "--trainer.max_steps",
+        "8",
+        "--trainer.val_check_interval",
+        "3",
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--model.init_args.dropout",
+        "0.1",
+    ]
+    run(
+        "mlm_random",
+        common,
+        "--experiment",
+        "full",
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--checkpoint.filename",
+        "step{step}",
+    )
     full_dir = tmp_path / "runs" / "full" / "version_0"
     # an "interrupted" run: a copy of the full run's directory as it was at step 4
     resumed_dir = tmp_path / "runs" / "part" / "version_0"
@@ -97,15 +127,27 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_args, tmp_path):
     run("mlm_random", common, "--experiment", "part", "--ckpt_path", "last")
     full, resumed = scalars(full_dir)["train/loss"], scalars(resumed_dir)["train/loss"]
     assert sorted(resumed) == [4, 5, 6, 7]
-    torch.testing.assert_close(torch.tensor([resumed[s] for s in range(4, 8)]), torch.tensor([full[s] for s in range(4, 8)]))
+    torch.testing.assert_close(
+        torch.tensor([resumed[s] for s in range(4, 8)]), torch.tensor([full[s] for s in range(4, 8)])
+    )
     assert (resumed_dir / "config.yaml").read_text() == "original"  # kept; the resume adds its own
     assert (resumed_dir / "config.resume-1.yaml").exists()
     assert not (tmp_path / "runs" / "part" / "version_1").exists()
 
 
 def test_ddp_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
-    command = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/meap.yaml", *tiny_args,
-               "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "experiments/configs/meap.yaml",
+        *tiny_args,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs" / "meap").iterdir()] == ["version_0"]
@@ -119,7 +161,10 @@ def test_ddp_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
         (["--data.data_path", "/no/such/corpus"], "data.data_path: '/no/such/corpus' does not exist"),
         (["--data.block_size", "4096"], "data.block_size=4096 is larger than the model's"),
         (["--model.init_args.max_position_embeddings", "16"], "data.block_size=32 is larger than the model's 16"),
-        (["--data.masking", "datamodules.NoMask"], "data.masking=NoMask builds 'causal' batches but model=MaskedLMModule"),
+        (
+            ["--data.masking", "datamodules.NoMask"],
+            "data.masking=NoMask builds 'causal' batches but model=MaskedLMModule",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(override, message, tiny_args, capsys, tmp_path):
@@ -160,8 +205,17 @@ def test_unknown_config_key_is_named(tiny_args, capsys):
 
 
 def test_error_from_the_command_line_has_no_traceback(tmp_path):
-    command = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/ntp.yaml",
-               "--runs_dir", str(tmp_path), "--data.mask_ratio", "-0.2"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "experiments/configs/ntp.yaml",
+        "--runs_dir",
+        str(tmp_path),
+        "--data.mask_ratio",
+        "-0.2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: data.mask_ratio must be in [0, 1], got -0.2"

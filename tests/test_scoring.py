@@ -89,8 +89,12 @@ def test_answer_matching_rules():
 def test_answer_logprobs_score_only_the_answer(causal, masked):
     prompt, answer = [causal.vocab.bos_id, *range(40, 50)], [60, 61, 62]
     whole, prefix = causal_logprobs(causal, [prompt + answer, prompt])
-    assert_close(answer_logprobs(causal, [prompt, prompt[:4]], [answer, answer])[0], whole - prefix, atol=1e-4, rtol=1e-4)
-    ids = torch.tensor([[*prompt, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.eos_id]])
+    assert_close(
+        answer_logprobs(causal, [prompt, prompt[:4]], [answer, answer])[0], whole - prefix, atol=1e-4, rtol=1e-4
+    )
+    ids = torch.tensor(
+        [[*prompt, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.mask_id, masked.vocab.eos_id]]
+    )
     with torch.no_grad():
         log_probs = torch.log_softmax(masked.model(input_ids=ids).logits[0], -1)
     by_hand = sum(log_probs[len(prompt) + j, t] for j, t in enumerate(answer))

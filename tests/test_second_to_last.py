@@ -64,14 +64,33 @@ def test_eval_compares_against_ntp_and_refines(tiny_args, tmp_path):
     for config in ("ntp", "second_to_last"):
         run_main(["--config", f"experiments/configs/{config}.yaml", *tiny_args, "--trainer.max_steps", "3"])
     runs = tmp_path / "runs"
-    result = main(["--stl", str(runs / "second_to_last" / "version_0"), "--ntp", str(runs / "ntp" / "version_0" / "hf_model"),
-                   "--documents", "20", "--max-blocks", "6", "--top-k", "3"])
+    result = main(
+        [
+            "--stl",
+            str(runs / "second_to_last" / "version_0"),
+            "--ntp",
+            str(runs / "ntp" / "version_0" / "hf_model"),
+            "--documents",
+            "20",
+            "--max-blocks",
+            "6",
+            "--top-k",
+            "3",
+        ]
+    )
     written = json.loads((runs / "second_to_last" / "version_0" / "second_to_last_eval.json").read_text())
     assert written == pytest.approx(result)
     assert result["block_length"] == 4 and result["block_size"] == 32  # from the run's config
     assert result["targets"] == 6 * 7 and result["refine_targets"] == 6 * 7
-    for key in ("second_to_last_acc", "next_token_acc_same_targets", "next_token_acc_all", "next_token_top1_acc",
-                "refined_top1_acc", "next_token_top3_recall", "stl_recovers_context_share"):
+    for key in (
+        "second_to_last_acc",
+        "next_token_acc_same_targets",
+        "next_token_acc_all",
+        "next_token_top1_acc",
+        "refined_top1_acc",
+        "next_token_top3_recall",
+        "stl_recovers_context_share",
+    ):
         assert 0.0 <= result[key] <= 1.0
 
 

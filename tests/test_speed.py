@@ -36,8 +36,18 @@ def plain_losses(tmp_path_factory) -> dict[str, list[float]]:
     root = tmp_path_factory.mktemp("plain")
     out = {}
     for config in ("quickstart", "mlm_random"):
-        main(["--config", f"experiments/configs/{config}.yaml", *TINY, *STEPS, "--runs_dir", str(root / "runs"),
-              "--data.cache_dir", str(root / "cache")])
+        main(
+            [
+                "--config",
+                f"experiments/configs/{config}.yaml",
+                *TINY,
+                *STEPS,
+                "--runs_dir",
+                str(root / "runs"),
+                "--data.cache_dir",
+                str(root / "cache"),
+            ]
+        )
         out[config] = train_losses(root / "runs" / config / "version_0")
     return out
 
@@ -72,7 +82,9 @@ def test_no_mfu_on_a_device_without_a_known_peak(tiny_args, tmp_path):
 )
 def test_switch_trains_to_the_same_losses(config, switch, plain_losses, tiny_args, tmp_path):
     cli = run(config, tiny_args, *STEPS, *switch)
-    torch.testing.assert_close(train_losses(tmp_path / "runs" / config / "version_0"), plain_losses[config], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        train_losses(tmp_path / "runs" / config / "version_0"), plain_losses[config], rtol=1e-4, atol=1e-5
+    )
     key, value = switch[0].removeprefix("--model.init_args."), switch[1]
     if key == "attn_implementation":
         assert cli.model.model.config._attn_implementation == value
@@ -91,7 +103,9 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward():
     for checkpointing in (False, True):
         module = CausalLMModule(**MODULE, gradient_checkpointing=checkpointing).train()
         runs = []
-        module.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_, runs=runs: runs.append(1))  # inside the checkpoint
+        module.model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda *_, runs=runs: runs.append(1)
+        )  # inside the checkpoint
         ids, mask = toy_batch()
         module.step({"input_ids": ids, "attention_mask": mask, "labels": ids})[0].backward()
         calls[checkpointing] = len(runs)
@@ -100,7 +114,14 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward():
 
 def test_an_attention_kernel_the_model_lacks_is_one_line(tiny_args, capsys):
     with pytest.raises(SystemExit):
-        run("mlm_random", tiny_args, "--model.init_args.arch", "deberta-v2", "--model.init_args.attn_implementation", "sdpa")
+        run(
+            "mlm_random",
+            tiny_args,
+            "--model.init_args.arch",
+            "deberta-v2",
+            "--model.init_args.attn_implementation",
+            "sdpa",
+        )
     err = capsys.readouterr().err
     assert "error: model.attn_implementation='sdpa': DebertaV2ForMaskedLM does not support" in err
     assert "Traceback" not in err
@@ -112,14 +133,17 @@ def test_gradient_accumulation_takes_one_optimiser_step_per_n_batches(tiny_args)
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler (g++ or c++)")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler (g++ or c++)",
+)
 def test_compiled_model_trains_to_the_same_losses(plain_losses, tiny_args, tmp_path):
     torch._dynamo.reset()
     run("quickstart", tiny_args, *STEPS, "--model.init_args.compile", "true")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
-    torch.testing.assert_close(train_losses(tmp_path / "runs" / "quickstart" / "version_0"), plain_losses["quickstart"],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        train_losses(tmp_path / "runs" / "quickstart" / "version_0"), plain_losses["quickstart"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_fsdp_config_builds_an_fsdp_strategy_wrapping_each_decoder_layer():
@@ -141,10 +165,27 @@ def test_fsdp_config_builds_an_fsdp_strategy_wrapping_each_decoder_layer():
 def test_torchrun_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
     """The launch of several nodes, on one machine: an external launcher starts every rank, and
     only rank 0 claims a run directory."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "experiments.run", "--config", "experiments/configs/quickstart.yaml",
-               "--config", "experiments/configs/trainers/ddp.yaml", *tiny_args,
-               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "experiments.run",
+        "--config",
+        "experiments/configs/quickstart.yaml",
+        "--config",
+        "experiments/configs/trainers/ddp.yaml",
+        *tiny_args,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        "32",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs" / "quickstart").iterdir()] == ["version_0"]
@@ -152,8 +193,18 @@ def test_torchrun_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
 
 
 def test_pin_memory_reaches_both_dataloaders(tiny_args):
-    cli = run("quickstart", tiny_args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-              "--data.pin_memory", "true", "--data.num_workers", "1")
+    cli = run(
+        "quickstart",
+        tiny_args,
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--data.pin_memory",
+        "true",
+        "--data.num_workers",
+        "1",
+    )
     dm = cli.datamodule
     assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
     assert dm.train_dataloader().num_workers == 1
