@@ -3,7 +3,7 @@
 ``python -m benchmarks.sft [--samples 32] [--batch-size 8] [--repeats 4]``
 
 The same built-in QA samples (the `FineTuneDataModule` defaults: block 1024, answers on both
-sides of 50 tokens) are collated by three policies — `PlainSFT`, `MEAPFineTuneCollate` with the
+sides of 50 tokens) are collated by three policies — `PlainSFT`, `MEAPSFT` with the
 paper's `layout: concat` and with the code's `layout: separate_rows` — and each batch gets a full
 optimiser step (forward and loss via ``module.loss``, backward, AdamW step, zero_grad) on the
 quickstart model's shape (128 wide, 2 layers; 1024 positions). Each repeat runs every batch under
@@ -27,14 +27,14 @@ import warnings
 import torch
 
 from benchmarks.common import CpuContention, markdown_table, quiet, step_timer, verdict
-from datamodules import FineTuneDataModule, MEAPFineTuneCollate, PlainSFT
+from datamodules import FineTuneDataModule, MEAPSFT, PlainSFT
 from datamodules.finetune import SFTCollator
 from lightning_modules import CausalLMModule
 
 POLICIES = {
     "plain SFT": PlainSFT(),
-    "MEAP concat": MEAPFineTuneCollate(),
-    "MEAP separate_rows": MEAPFineTuneCollate(layout="separate_rows"),
+    "MEAP concat": MEAPSFT(),
+    "MEAP separate_rows": MEAPSFT(layout="separate_rows"),
 }
 
 

@@ -3,7 +3,7 @@
 Edman & Fraser 2025, "Adaptive masking for MLM" (arXiv 2510.20475). Every step, the statistics of
 the labelled positions are added into vocabulary-sized counters on the device (no host sync);
 every `every_n_batches` optimiser steps the counters are all-reduced across ranks and turned into
-new weights for `datamodules.adaptive.AdaptiveMLMMask`, then reset.
+new weights for `datamodules.policies.adaptive.AdaptiveMLMMask`, then reset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.errors import raise_if_any
+from core.errors import raise_if_any
 from lightning_modules.base import IGNORE_INDEX, TokenStats
 from lightning_modules.teacher import load_teacher
 

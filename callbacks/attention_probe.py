@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from datamodules.masking import IGNORE_INDEX
 from evaluation.attention import compare_runs, probe_mask
 

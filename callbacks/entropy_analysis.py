@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from datamodules.masking import IGNORE_INDEX, TokenBlock
-from datamodules.sentence_policies import rank_from_end
+from datamodules.policies.sentence import rank_from_end
 
 FORKING_THRESHOLD = 0.672  # nats: the 80th entropy percentile in arXiv 2506.01939
 POSITION_NAMES = {1: "last", 2: "penultimate"}

@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.entropy import EntropyPositionMask
-from datamodules.errors import raise_if_any
+from datamodules.policies.entropy import EntropyPositionMask
+from core.errors import raise_if_any
 from datamodules.masking import TokenBlock, Vocab, corrupt_mlm
 from lightning_modules.base import predictive_entropy
 from lightning_modules.teacher import load_teacher

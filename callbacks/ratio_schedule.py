@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 
-from datamodules.errors import raise_if_any
+from core.errors import raise_if_any
 
 
 class MaskRatioSchedule(L.Callback):

@@ -1,14 +1,15 @@
 """Corpora, tokenizer, packing, masking policies and the collate that applies them."""
 
-from datamodules.adaptive import AdaptiveMLMMask
-from datamodules.entropy import EntropyPositionMask
 from datamodules.finetune import FineTuneDataModule
-from datamodules.finetune_policies import FineTunePolicy, MEAPFineTuneCollate, PlainSFT
-from datamodules.masking import MaskingPolicy, MEAPInputMask, NoMask, RandomMLMMask, SelectionPolicy, TokenBlock, Vocab
+from datamodules.masking import MaskingPolicy, SelectionPolicy, TokenBlock, Vocab
+from datamodules.policies.adaptive import AdaptiveMLMMask
+from datamodules.policies.entropy import EntropyPositionMask
+from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT
+from datamodules.policies.sentence import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask
+from datamodules.policies.span import FixedSpanMask, GeometricSpanMask, WholeWordMask
+from datamodules.policies.standard import MEAPInputMask, NoMask, RandomMLMMask
+from datamodules.policies.swap import SecondToLastSwap
 from datamodules.pretraining import PretrainingDataModule
-from datamodules.sentence_policies import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask
-from datamodules.span_policies import FixedSpanMask, GeometricSpanMask, WholeWordMask
-from datamodules.swap_policies import SecondToLastSwap
 
 __all__ = [
     "AdaptiveMLMMask",
@@ -18,7 +19,7 @@ __all__ = [
     "FixedSpanMask",
     "GeometricSpanMask",
     "LastTokenMask",
-    "MEAPFineTuneCollate",
+    "MEAPSFT",
     "MEAPInputMask",
     "MaskingPolicy",
     "MatchedRandomMask",

@@ -2,7 +2,7 @@
 
 Samples are ``<bos> template(prompt) template(answer) <eos>``; the answer and its EOS are what
 plain SFT trains on. A sample is never packed with others: each batch is right-padded to its
-longest sample, and the fine-tuning policy (`PlainSFT`, `MEAPFineTuneCollate`) builds the rows.
+longest sample, and the fine-tuning policy (`PlainSFT`, `MEAPSFT`) builds the rows.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from core.errors import DataError, raise_if_any
 from datamodules.collate import batch_generator
-from datamodules.errors import DataError, raise_if_any
-from datamodules.finetune_policies import FineTunePolicy, MEAPFineTuneCollate, PlainSFT, SFTBlock
 from datamodules.masking import Vocab
+from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT, SFTBlock
 from datamodules.pretraining import PretrainingDataModule
 from datamodules.qa_corpus import QACorpus
 from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
@@ -212,7 +212,7 @@ class FineTuneDataModule(PretrainingDataModule):
 
     Args:
         masking: the fine-tuning policy: None = `PlainSFT` (loss on the answer only), or
-            `MEAPFineTuneCollate`.
+            `MEAPSFT`.
         data_path: a .jsonl file (one JSON object per line) or a folder of them; None = the
             built-in QA generator (or `hf_dataset`).
         val_data_path: validation .jsonl; None = hold out `val_fraction` of the samples.
@@ -437,7 +437,7 @@ def _policy_errors(args: dict) -> list[str]:
     """Check a MEAP policy's keys before it is built. The CLI hands its config over flattened
     (`masking.class_path`, `masking.init_args.ratio`); Python callers pass the policy itself."""
     class_path = args.get("masking.class_path", "")
-    if str(class_path).rsplit(".", 1)[-1] != MEAPFineTuneCollate.__name__:
+    if str(class_path).rsplit(".", 1)[-1] != MEAPSFT.__name__:
         return []
     prefix = "masking.init_args."
-    return MEAPFineTuneCollate.config_errors(**{k[len(prefix) :]: v for k, v in args.items() if k.startswith(prefix)})
+    return MEAPSFT.config_errors(**{k[len(prefix) :]: v for k, v in args.items() if k.startswith(prefix)})

@@ -8,9 +8,12 @@ from transformers import PreTrainedTokenizerBase
 
 
 def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """Batched, with no special tokens (packing adds BOS/EOS around each document)."""
+    """Batched, with no special tokens: packing adds BOS/EOS around each document, and a special
+    token's string in the text (WikiText's `<unk>`) is tokenised as the characters it is."""
     return dataset.map(
-        lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        lambda batch: {
+            "input_ids": tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        },
         batched=True,
         remove_columns=dataset.column_names,
         desc="tokenising",

@@ -11,11 +11,14 @@ import torch
 from datasets import Dataset as HFDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from core.errors import DataError, raise_if_any
 from datamodules.collate import MaskingCollator
-from datamodules.errors import DataError, raise_if_any
-from datamodules.masking import MaskingPolicy, NoMask, TokenBlock, Vocab
+from datamodules.corpus import VARIANTS
+from datamodules.masking import MaskingPolicy, TokenBlock, Vocab
 from datamodules.packing import pack, tokenize
+from datamodules.policies.standard import NoMask
 from datamodules.sources import (
+    TEXT_RULES,
     builtin_dataset,
     files_fingerprint,
     load_hf_dataset,
@@ -79,6 +82,9 @@ class PretrainingDataModule(L.LightningDataModule):
         hf_val_split: the split to validate on; None = hold out `val_fraction`.
         text_column: the column holding the text.
         builtin_documents: documents the built-in corpus generates for training.
+        builtin_variant: which built-in corpus: "default" (language-like text with a few facts
+            recalled late) or "retrieval_dense" (short documents of facts, recalls and the
+            retrieval suite's prompt forms, so that a small model learns to retrieve early).
         val_fraction: share of documents held out for validation when no validation source is given.
         tokenizer_path: a local HF tokenizer folder; None = train a byte-level BPE on the training text.
         vocab_size: vocabulary size of the trained BPE.
@@ -104,6 +110,7 @@ class PretrainingDataModule(L.LightningDataModule):
         hf_val_split: str | None = None,
         text_column: str = "text",
         builtin_documents: int = 2000,
+        builtin_variant: str = "default",
         val_fraction: float = 0.05,
         tokenizer_path: str | None = None,
         vocab_size: int = 4096,
@@ -128,6 +135,7 @@ class PretrainingDataModule(L.LightningDataModule):
         )
         self.text_column = text_column
         self.builtin_documents = builtin_documents
+        self.builtin_variant = builtin_variant
         self.val_fraction = val_fraction
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
@@ -151,6 +159,8 @@ class PretrainingDataModule(L.LightningDataModule):
             value = args.get(key)
             if value is not None and value < 1:
                 errors.append(f"data.{key} must be >= 1, got {value}")
+        if args.get("builtin_variant", "default") not in VARIANTS:
+            errors.append(f"data.builtin_variant must be one of {sorted(VARIANTS)}, got {args['builtin_variant']!r}")
         if args.get("num_workers", 0) < 0:
             errors.append(f"data.num_workers must be >= 0, got {args['num_workers']}")
         if args.get("data_path") and args.get("hf_dataset"):
@@ -166,12 +176,15 @@ class PretrainingDataModule(L.LightningDataModule):
     def source_key(self) -> str:
         if self.data_path:
             files = text_files(self.data_path, "data.data_path")
-            return stable_hash("files", files_fingerprint(files), self.val_data_path, self.val_fraction, self.seed)
+            val_files = text_files(self.val_data_path, "data.val_data_path") if self.val_data_path else []
+            return stable_hash(
+                "files", TEXT_RULES, files_fingerprint(files), files_fingerprint(val_files), self.val_fraction, self.seed
+            )
         if self.hf_dataset:
             return stable_hash(
-                "hf", self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
+                "hf", TEXT_RULES, self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
             )
-        return stable_hash("builtin", self.seed, self.builtin_documents)
+        return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant)
 
     @cached_property
     def tokenizer(self):
@@ -210,7 +223,7 @@ class PretrainingDataModule(L.LightningDataModule):
         documents = (
             self.builtin_documents if split == "train" else max(1, round(self.builtin_documents * self.val_fraction))
         )
-        return builtin_dataset(self.seed, documents, split)
+        return builtin_dataset(self.seed, documents, split, self.builtin_variant)
 
     def _holdout(self, dataset: HFDataset, split: str) -> HFDataset:
         if len(dataset) < 2:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from datasets import Dataset, load_dataset, load_from_disk
 
+from core.errors import DataError
 from datamodules.corpus import BuiltinCorpus
-from datamodules.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".raw", ".md")
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # a line break, a line of only whitespace, a line break
+# Bumped when the way raw text becomes documents or tokens changes, so cached tokenizers and blocks are rebuilt.
+TEXT_RULES = "paragraphs-at-whitespace-lines;special-token-strings-are-text"
 
 
 def stable_hash(*parts: object) -> str:
@@ -36,13 +41,32 @@ def files_fingerprint(files: list[Path]) -> str:
     return stable_hash([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
+def read_text(file: Path, key: str) -> str:
+    """The file's text (gunzipped for .gz), strictly UTF-8: a bad byte is named by its offset,
+    not replaced, so a wrongly encoded corpus cannot train silently on mojibake."""
+    raw = gzip.decompress(file.read_bytes()) if file.name.endswith(".gz") else file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = "of the decompressed text " if file.name.endswith(".gz") else ""
+        raise DataError(
+            f"{key}: {file} is not UTF-8 text: byte 0x{raw[err.start]:02x} at byte offset {err.start} {where}({err.reason})"
+        ) from None
+
+
+def paragraphs(text: str) -> list[str]:
+    """Paragraphs split at blank lines, a line holding only whitespace counting as blank
+    (WikiText's blank lines are a single space); each stripped at its edges, empty ones dropped."""
+    return [p.strip() for p in BLANK_LINE.split(text) if p.strip()]
+
+
 def load_text_files(files: list[Path], key: str) -> Dataset:
-    """One example per paragraph (blank-line separated), empty ones dropped."""
-    dataset = load_dataset("text", data_files=[str(f) for f in files], sample_by="paragraph", split="train")
-    dataset = dataset.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
-    if len(dataset) == 0:
-        raise DataError(f"{key}: {', '.join(str(f) for f in files[:3])} contain no text (empty corpus)")
-    return dataset
+    """One example per paragraph of every file, in file order."""
+    texts = [paragraph for file in files for paragraph in paragraphs(read_text(file, key))]
+    if not texts:
+        named = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"{key}: {named} {'holds' if len(files) == 1 else 'hold'} no text (empty corpus)")
+    return Dataset.from_dict({"text": texts})
 
 
 def open_hf_split(name: str, config: str | None, split: str) -> Dataset:
@@ -74,5 +98,5 @@ def load_hf_dataset(name: str, config: str | None, split: str, text_column: str)
     return dataset
 
 
-def builtin_dataset(seed: int, documents: int, split: str) -> Dataset:
-    return Dataset.from_dict({"text": BuiltinCorpus(seed).documents(documents, split)})
+def builtin_dataset(seed: int, documents: int, split: str, variant: str = "default") -> Dataset:
+    return Dataset.from_dict({"text": BuiltinCorpus(seed).documents(documents, split, variant)})

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import Vocab
 
 SPECIAL_TOKENS = {

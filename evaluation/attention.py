@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
-from datamodules.errors import ConfigError, DataError, raise_if_any
+from core.errors import ConfigError, DataError, raise_if_any
 from datamodules.masking import Vocab
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel

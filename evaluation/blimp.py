@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Patch
 
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from datamodules.sources import open_hf_split
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult

@@ -41,7 +41,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from datamodules.errors import DataError, raise_if_any
+from core.errors import DataError, raise_if_any
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
 

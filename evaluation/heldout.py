@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 
 from datamodules.corpus import BuiltinCorpus
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.packing import pack, tokenize
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import Vocab
 from datamodules.tokenizer import vocab_of
 

@@ -21,7 +21,7 @@ import torch
 from torchmetrics.functional.text.rouge import rouge_score
 
 from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult

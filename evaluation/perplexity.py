@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
 from evaluation.scoring import Answerer, answers, contains_answer

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult, update_metrics_json
 

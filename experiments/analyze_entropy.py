@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from callbacks.entropy_analysis import FORKING_THRESHOLD, by_position, forking_stats
-from datamodules.errors import MasklabError
+from core.errors import MasklabError
 from datamodules.masking import TokenBlock
-from datamodules.sentence_policies import rank_from_end
+from datamodules.policies.sentence import rank_from_end
 from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel, load_model
 from lightning_modules.base import predictive_entropy

@@ -20,7 +20,7 @@ import json
 import torch
 
 from datamodules.finetune import SFTCollator, encode
-from datamodules.finetune_policies import PlainSFT
+from datamodules.policies.finetune import PlainSFT
 from datamodules.masking import IGNORE_INDEX
 from datamodules.qa_corpus import QACorpus
 from evaluation.model import LoadedModel, load_model

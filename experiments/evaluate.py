@@ -20,7 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
 from transformers.utils import logging as transformers_logging
 
-from datamodules.errors import ConfigError, MasklabError
+from core.errors import ConfigError, MasklabError
 from evaluation.model import load_model, model_dir
 from evaluation.suites import (
     SUITES,

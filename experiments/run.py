@@ -30,7 +30,7 @@ from callbacks import (
     update_metrics_json,
 )
 from callbacks.export import scalar_metrics
-from datamodules.errors import ConfigError, MasklabError
+from core.errors import ConfigError, MasklabError
 from lightning_modules import LanguageModelModule
 
 # Our sampler skips the batches an interrupted epoch consumed (see ResumableSampler), so

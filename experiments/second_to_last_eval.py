@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from datamodules.errors import DataError, MasklabError
+from core.errors import DataError, MasklabError
 from datamodules.masking import TokenBlock
-from datamodules.swap_policies import SecondToLastSwap, swap_pairs, swap_positions
+from datamodules.policies.swap import SecondToLastSwap, swap_pairs, swap_positions
 from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel, load_model
 

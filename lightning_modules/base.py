@@ -7,14 +7,14 @@ from typing import ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from datamodules.errors import ConfigError, raise_if_any
+from core.batch import IGNORE_INDEX
+from core.errors import ConfigError, raise_if_any
 from lightning_modules.flops import flop_counts
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,29 @@ class LanguageModelModule(L.LightningModule):
             min_lr_rate=cfg.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """`trainer.gradient_clip_val` with any optimiser, fused AdamW included.
+
+        Lightning refuses to clip for a fused optimiser under mixed precision because it assumes
+        the gradients are still loss-scaled. Under bf16 (and fp32) nothing is scaled, so the plain
+        clip is exact; under fp16 the GradScaler unscales first (`GradScaler.step` then skips its
+        own unscale, as for a non-fused optimiser). FSDP's gradients are sharded, so the norm is
+        the sharded module's own `clip_grad_norm_` (Lightning has no FSDP norm clipping).
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # a non-fused optimiser was unscaled by Lightning already
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     # The dropout RNG is part of a run's state: without it a resumed run draws other dropout masks.
     def on_save_checkpoint(self, checkpoint: dict) -> None:

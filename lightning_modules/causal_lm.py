@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from lightning_modules.base import LanguageModelModule, OptimizerConfig
 
 # config fields a pre-trained model must share with the configured one, and their config keys

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from datamodules.errors import ConfigError, raise_if_any
+from core.errors import ConfigError, raise_if_any
 from lightning_modules.base import IGNORE_INDEX, LanguageModelModule, OptimizerConfig
 from lightning_modules.nhot import NHotEmbedding
 from lightning_modules.teacher import load_teacher

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 
 
 def load_teacher(path: str | None, student_tokens: list[str], key: str) -> PreTrainedModel:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.attention_probe import AttentionProbeCallback
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from evaluation import attention
 from evaluation.attention import (
     SEGMENTS,

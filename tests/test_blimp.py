@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from evaluation import blimp
 from evaluation.model import load_model
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from datamodules import MEAPInputMask, PretrainingDataModule, RandomMLMMask
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from datamodules.masking import IGNORE_INDEX
 from datamodules.tokenizer import train_bpe, vocab_of
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from callbacks.entropy_masking import EntropyMaskingCallback, choose_by_entropy
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from datamodules.masking import IGNORE_INDEX
 from lightning_modules import MaskedLMModule
 from lightning_modules.teacher import load_teacher
@@ -133,7 +133,7 @@ class _SetLogits(torch.nn.Module):
 def test_callback_masks_exactly_the_positions_of_highest_entropy_on_a_set_model():
     from types import SimpleNamespace
 
-    from datamodules.entropy import EntropyPositionMask
+    from datamodules.policies.entropy import EntropyPositionMask
     from tests.conftest import make_vocab, random_ids
 
     vocab = make_vocab(64)

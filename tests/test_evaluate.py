@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from callbacks import EvaluationCallback
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from experiments.evaluate import main as evaluate
 from experiments.run import main as train
 from tests.test_run import scalars

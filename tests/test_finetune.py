@@ -7,9 +7,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from datamodules.finetune import FineTuneDataModule, encode
-from datamodules.finetune_policies import MEAPFineTuneCollate
+from datamodules.policies.finetune import MEAPSFT
 from experiments import study
 from experiments.run import main
 from lightning_modules import CausalLMModule
@@ -74,7 +74,7 @@ def datamodule(tmp_path, records, **kwargs):
 def test_concatenated_copies_without_room_are_counted_and_warned(tmp_path):
     long_answer = " ".join(["30"] * 51)
     records = [{"prompt": "10 11", "answer": long_answer}] * 3 + [{"prompt": "10", "answer": "30"}] * 3
-    dm = datamodule(tmp_path, records, masking=MEAPFineTuneCollate(), block_size=100, val_fraction=0.34, batch_size=2)
+    dm = datamodule(tmp_path, records, masking=MEAPSFT(), block_size=100, val_fraction=0.34, batch_size=2)
     with pytest.warns(UserWarning, match="2 MEAP copies dropped: no room for the concatenated copy"):
         dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from datamodules.collate import batch_generator
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from datamodules.finetune import SFTCollator
-from datamodules.finetune_policies import MEAPFineTuneCollate, PlainSFT
+from datamodules.policies.finetune import MEAPSFT, PlainSFT
 from tests.conftest import BOS, EOS, MASK, PAD
 
 IGNORE = -100
@@ -25,8 +25,8 @@ def collate(policy, samples, vocab, max_length=256, seed=0):
     return block, policy(block, batch_generator(seed, block.indices.tolist()))
 
 
-def meap(**kwargs) -> MEAPFineTuneCollate:
-    return MEAPFineTuneCollate(**kwargs)
+def meap(**kwargs) -> MEAPSFT:
+    return MEAPSFT(**kwargs)
 
 
 def test_plain_sft_labels_the_answer_and_its_eos_and_pads(vocab):

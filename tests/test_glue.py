@@ -16,7 +16,7 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForSequenceClassification
 
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from evaluation import glue
 from evaluation.model import LoadedModel, load_model
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from datamodules.masking import IGNORE_INDEX
 from lightning_modules import CausalLMModule, MaskedLMModule, OptimizerConfig
 

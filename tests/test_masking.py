@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from datamodules.collate import MaskingCollator, batch_generator
-from datamodules.masking import IGNORE_INDEX, MEAPInputMask, NoMask, RandomMLMMask, TokenBlock
+from datamodules.masking import IGNORE_INDEX, TokenBlock
+from datamodules.policies.standard import MEAPInputMask, NoMask, RandomMLMMask
 from tests.conftest import EOS, MASK, PAD, random_ids
 
 N_ROWS, LENGTH = 800, 128  # 102,400 tokens

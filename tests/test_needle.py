@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 from evaluation import needle
 from evaluation.model import load_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from evaluation import perplexity
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import load_model

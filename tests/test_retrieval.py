@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from datamodules.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from evaluation import retrieval
 from evaluation.model import load_model
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules.masking import IGNORE_INDEX, TokenBlock
-from datamodules.swap_policies import SecondToLastSwap, swap_pairs
+from datamodules.policies.swap import SecondToLastSwap, swap_pairs
 from experiments.run import main as run_main
 from experiments.second_to_last_eval import main, refine, refine_scores
 from tests.conftest import PAD

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import IGNORE_INDEX, TokenBlock
-from datamodules.sentence_policies import (
+from datamodules.policies.sentence import (
     LastTokenMask,
     MatchedRandomMask,
     PenultimateTokenMask,

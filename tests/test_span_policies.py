@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import IGNORE_INDEX, TokenBlock
-from datamodules.span_policies import FixedSpanMask, GeometricSpanMask, WholeWordMask, lay_out, take_in_order
+from datamodules.policies.span import FixedSpanMask, GeometricSpanMask, WholeWordMask, lay_out, take_in_order
 from datamodules.tokenizer import train_bpe, vocab_of
 from tests.conftest import BOS, EOS, FIRST_CONTINUATION, MASK, random_ids
 

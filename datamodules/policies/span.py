@@ -18,7 +18,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import Objective, SelectionPolicy, TokenBlock
 
 

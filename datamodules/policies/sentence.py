@@ -19,7 +19,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from datamodules.errors import DataError
+from core.errors import DataError
 from datamodules.masking import Objective, SelectionPolicy, TokenBlock
 
 Unit = Literal["sentence", "document", "block"]

@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from core.errors import ConfigError
 from datamodules.collate import batch_generator
-from datamodules.errors import ConfigError
 from datamodules.masking import IGNORE_INDEX, MaskingPolicy, Vocab
 
 Layout = Literal["concat", "separate_rows"]
@@ -108,7 +108,7 @@ def _check_choice(errors: list[str], key: str, value: str, choices: tuple[str, .
         errors.append(f"{KEY}.{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-class MEAPFineTuneCollate(FineTunePolicy):
+class MEAPSFT(FineTunePolicy):
     """MEAP fine-tuning: a masked copy of every sample whose answer is long enough.
 
     Args:
@@ -213,7 +213,7 @@ class MEAPFineTuneCollate(FineTunePolicy):
 
     def __repr__(self) -> str:
         return (
-            f"MEAPFineTuneCollate(ratio={self.ratio:.3f}, min_answer_tokens={self.min_answer_tokens}, "
+            f"MEAPSFT(ratio={self.ratio:.3f}, min_answer_tokens={self.min_answer_tokens}, "
             f"layout={self.layout}, copy_loss={self.copy_loss}, mask_span={self.mask_span}, redraw={self.redraw})"
         )
 

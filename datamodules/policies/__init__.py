@@ -1,0 +1,1 @@
+"""The masking policies, one module per family; `datamodules` exports every class."""
