@@ -1,0 +1,67 @@
+"""Seed statistics for studies: mean, sample standard deviation, t-based 95% confidence intervals,
+paired differences over matched seeds, and a plain verdict.
+
+A study has 3-5 seeds per arm, so the interval uses Student's t with n-1 degrees of freedom (a
+normal interval would be too narrow at that n). Arms are compared *paired*: arm and baseline run
+with the same seed share their initialisation, data order and masks, so the per-seed difference
+removes the variance the two runs share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean of `n` values with its sample standard deviation and confidence interval [low, high];
+    sd and the interval are NaN when n < 2 (one value says nothing about the spread)."""
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean and t-based confidence interval of `values` (NaN values are dropped)."""
+    kept = [float(v) for v in values if not math.isnan(v)]
+    n = len(kept)
+    if n == 0:
+        return Estimate(0, math.nan, math.nan, math.nan, math.nan)
+    mean = sum(kept) / n
+    if n == 1:
+        return Estimate(1, mean, math.nan, math.nan, math.nan)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in kept) / (n - 1))
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return Estimate(n, mean, sd, mean - half, mean + half)
+
+
+def paired_differences(arm: Mapping[int, float], baseline: Mapping[int, float]) -> dict[int, float]:
+    """arm - baseline for every seed both have a (non-NaN) value for."""
+    return {
+        seed: arm[seed] - baseline[seed]
+        for seed in sorted(set(arm) & set(baseline))
+        if not (math.isnan(arm[seed]) or math.isnan(baseline[seed]))
+    }
+
+
+def verdict(difference: Estimate, higher_is_better: bool) -> str:
+    """ "better" / "worse" when the interval of the paired difference excludes 0, else
+    "no difference detected at n=<n>"."""
+    if difference.n < 2:
+        return f"too few matched seeds to tell (n={difference.n})"
+    if difference.low > 0 or difference.high < 0:
+        return "better" if (difference.mean > 0) == higher_is_better else "worse"
+    return f"no difference detected at n={difference.n}"
