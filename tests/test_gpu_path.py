@@ -1,0 +1,120 @@
+"""The GPU path (issue 14) on a CPU: bf16 with a fused optimiser and clipping, the peak FLOP/s
+table, the speed keys' validation. Tests that need CUDA are skipped without it."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from experiments.run import main
+from lightning_modules import CausalLMModule
+from tests.test_lightning_modules import TINY as MODULE
+from tests.test_lightning_modules import toy_batch
+from tests.test_run import CONFIGS, TEACHER
+
+BF16_FUSED = ["--trainer.precision", "bf16-mixed", "--model.init_args.optimizer.fused", "true"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_trains_in_bf16_with_fused_adamw_and_its_clipping(config, tiny_args, tmp_path):
+    text = config.read_text()
+    if TEACHER in text:  # a tiny teacher with the same tokenizer first (as tests/test_run.py)
+        main(["--config", "experiments/configs/mlm_random.yaml", *tiny_args, "--trainer.max_steps", "1"])
+        config = tmp_path / config.name
+        config.write_text(text.replace(TEACHER, str(tmp_path / TEACHER)))
+    cli = main(
+        [
+            "--config",
+            str(config),
+            *tiny_args,
+            *BF16_FUSED,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.optimizers[0].defaults["fused"] is True
+    assert cli.trainer.gradient_clip_val == 1.0  # every shipped config clips
+
+
+class GradNorms(L.Callback):
+    """The total gradient norm the optimiser stepped with: a step post-hook (Lightning runs the
+    closure, backward and clipping included, inside `optimizer.step`)."""
+
+    def __init__(self) -> None:
+        self.norms = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def record(optimizer, *_) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+        trainer.optimizers[0].register_step_post_hook(record)
+
+
+class OneBatch(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, mask = toy_batch()
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_under_bf16_with_a_fused_optimiser_clips_what_the_optimiser_sees(algorithm):
+    torch.manual_seed(0)
+    module = CausalLMModule(**MODULE)
+    norms = GradNorms()
+    clip = 1e-3  # far below the gradients of a fresh model, so every step clips
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        precision="bf16-mixed",
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
+        callbacks=[norms],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module.optimizer_config = SimpleNamespace(**{**vars(module.optimizer_config), "fused": True})
+    trainer.fit(module, torch.utils.data.DataLoader(OneBatch(), batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"] is True and len(norms.norms) == 3
+    if algorithm == "norm":
+        assert norms.norms == pytest.approx([clip] * 3, rel=1e-3)
+    else:  # every element within [-clip, clip]
+        assert all(p.grad is None or p.grad.abs().max() <= clip for p in module.parameters())
+
+
+def test_fp16_grad_scaler_unscales_a_fused_optimiser_before_clipping():
+    """What Lightning refuses (16-mixed, fused, clipping) done by hand: unscale, clip, then the
+    scaler's step must not unscale a second time."""
+    torch.manual_seed(0)
+    ids, mask = toy_batch()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    reference = CausalLMModule(**MODULE)
+    module = CausalLMModule(**MODULE)
+    module.load_state_dict(reference.state_dict())
+    reference.step(batch)[0].backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    expected = [p.grad.clone() for p in reference.parameters()]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), strategy=None)
+    scaler.scale(module.step(batch)[0]).backward()
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    for got, want in zip((p.grad for p in module.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    before = [p.detach().clone() for p in module.parameters()]
+    scaler.step(optimizer)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    reference_optimizer.step()
+    for after, want in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(after.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before))
