@@ -50,7 +50,8 @@ def read_text(file: Path, key: str) -> str:
     except UnicodeDecodeError as err:
         where = "of the decompressed text " if file.name.endswith(".gz") else ""
         raise DataError(
-            f"{key}: {file} is not UTF-8 text: byte 0x{raw[err.start]:02x} at byte offset {err.start} {where}({err.reason})"
+            f"{key}: {file} is not UTF-8 text: byte 0x{raw[err.start]:02x} at byte offset {err.start} "
+            f"{where}({err.reason})"
         ) from None
 
 

@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
 from transformers.utils import logging as transformers_logging
 
+import experiments.quiet  # noqa: F401  (installs the filters of what a user cannot act on)
 from core.errors import ConfigError, MasklabError
 from evaluation.model import load_model, model_dir
 from evaluation.suites import (
@@ -59,7 +60,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     try:
         names = parse_suites(config.suites)
         folder = model_dir(config.run)
-        objects = parser.instantiate_classes(config)
+        objects = parser.instantiate(config)
         loaded = load_model(str(folder))
         device = (
             "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
