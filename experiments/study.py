@@ -1,96 +1,426 @@
-"""MEAP fine-tuning study: pre-train NTP vs MEAP, fine-tune each with plain vs MEAP SFT, and score
-key–value retrieval by position.
+"""Run a study: every arm x seed of a study YAML, each in its own process, then a report.
 
-``python -m experiments.study --config experiments/configs/studies/meap_sft.yaml``
+    python -m experiments.study --config experiments/configs/studies/<name>.yaml
+        [--seeds N] [--size gpu] [--parallel N] [--dry-run] [--resume [FOLDER]] [--studies_dir DIR]
 
-Every run goes through `experiments.run.main`, so each leaves its usual run dir; a fine-tune
-starts from its pre-training run (`model.init_args.init_from`) with that run's tokenizer
-(`data.init_args.tokenizer_path`). `shared_args` go to every run, so the model shapes match.
-The results — one `experiments.eval_retrieval` result per pre-training × fine-tuning pair — are
-written to ``<runs_dir>/study.json`` and printed as a table.
+Each run is `experiments.run` with the arm's config and overrides, one seed for model
+initialisation, data order and masks (`--seed_everything S --data.init_args.seed S`), then
+`experiments.evaluate` on its model. Everything goes to `<studies_dir>/<name>/<timestamp>/`:
+`runs/<arm>/seed_<S>/` (TensorBoard runs), `configs/`, `results.csv`, `report.md` and `plots/`.
+`--resume` continues the newest (or the named) study folder: finished runs are skipped, an
+interrupted one resumes from its last checkpoint. The YAML format is in docs/studies.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-from experiments import eval_retrieval
-from experiments.run import main as run
+from core.errors import ConfigError, MasklabError
+from evaluation.suites import suite_module
+from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study
+
+OUTCOME = "outcome.json"  # written into <study>/runs/<arm>/seed_<S>/ when the run is over, ok or failed
 
 
-def run_dir(args: list[str]) -> Path:
-    return Path(run(args).trainer.log_dir)
+@dataclass(frozen=True)
+class ArmPlan:
+    """How one arm trains: tokens per optimiser step (batch x block x accumulation x devices),
+    the steps that reach its budget, and the tokens of its own run (without the runs it starts from)."""
+
+    tokens_per_step: int
+    max_steps: int
+    tokens: int
+    estimate_s: float
+    config: dict
 
 
-def study(config: dict) -> dict:
-    runs_dir = config["runs_dir"]
-    shared = [str(a) for a in config.get("shared_args", [])]
-    evaluation = config.get("eval", {})
-    results = {}
-    for pre_name, pre_config in config["pretrain"]["configs"].items():
-        pre_dir = run_dir(
-            [
-                "--config",
-                pre_config,
-                *shared,
-                *map(str, config["pretrain"].get("args", [])),
-                "--runs_dir",
-                runs_dir,
-                "--experiment",
-                f"pretrain_{pre_name}",
-            ]
-        )
-        for ft_name, ft_config in config["finetune"]["configs"].items():
-            ft_dir = run_dir(
-                [
-                    "--config",
-                    ft_config,
-                    *shared,
-                    *map(str, config["finetune"].get("args", [])),
-                    "--model.init_args.init_from",
-                    str(pre_dir),
-                    "--data.init_args.tokenizer_path",
-                    str(pre_dir),
-                    "--runs_dir",
-                    runs_dir,
-                    "--experiment",
-                    f"{pre_name}_then_sft_{ft_name}",
-                ]
-            )
-            results[f"{pre_name}+sft_{ft_name}"] = eval_retrieval.evaluate(str(ft_dir), **evaluation)
-    (Path(runs_dir) / "study.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+@dataclass
+class Outcome:
+    arm: str
+    seed: int
+    status: str  # "ok" or "failed"
+    run_dir: str | None = None
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    tokens: int = 0
+    error: str | None = None
 
 
-def table(results: dict) -> str:
-    bins = next(iter(results.values()))["by_position"]
-    header = (
-        "| pre-training + fine-tuning | accuracy | "
-        + " | ".join(f"pos {b['from']:.1f}-{b['to']:.1f}" for b in bins)
-        + " |"
+def arm_args(study: Study, arm: Arm) -> list[str]:
+    return ["--config", arm.config, *study.args, *arm.args]
+
+
+def resolved_config(study: Study, arm: Arm) -> dict:
+    """The arm's config as `experiments.run --print_config` resolves it (in this process: the
+    imports are paid once). A config the run parser rejects is a ConfigError naming the arm."""
+    from experiments.run import main as run_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main([*arm_args(study, arm), "--print_config"])
+        except SystemExit as exit_:
+            code = exit_.code
+    if code not in (0, None):
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else f"exit {code}")
+        raise ConfigError(f"{study.file}: arms.{arm.name}: {reason.split('error:', 1)[-1].strip()}")
+    return yaml.safe_load(out.getvalue())
+
+
+def tokens_per_step(config: dict) -> int:
+    data = config["data"]["init_args"]
+    trainer = config.get("trainer") or {}
+    devices = trainer.get("devices")
+    devices = devices if isinstance(devices, int) and devices > 0 else 1  # "auto" on this machine's one device
+    return (
+        int(data["batch_size"])
+        * int(data["block_size"])
+        * int(trainer.get("accumulate_grad_batches") or 1)
+        * devices
+        * int(trainer.get("num_nodes") or 1)
     )
-    lines = [header, "|" + " --- |" * (2 + len(bins))]
-    for name, result in results.items():
-        cells = ["–" if b["accuracy"] is None else f"{b['accuracy']:.2f}" for b in result["by_position"]]
-        lines.append(f"| {name} | {result['accuracy']:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def estimate_seconds(config: dict, tokens: int, flops_per_second: float) -> float:
+    """Training time from the model's FLOPs (6 x parameters per token, plus attention) at the
+    rate this machine reaches; a rough guide, see docs/studies.md for how well it holds."""
+    model = config["model"]["init_args"]
+    d, layers = int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
+    vocab, block = (
+        int(config["data"]["init_args"].get("vocab_size") or 4096),
+        int(config["data"]["init_args"]["block_size"]),
+    )
+    params = 12 * layers * d * d + 2 * vocab * d
+    return 6 * (params + 2 * layers * block * d) * tokens / flops_per_second
+
+
+def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
+    """Every arm's config resolved and its budget worked out; unequal budgets are an error
+    unless the study allows them."""
+    plans = {}
+    for arm in study.arms.values():
+        config = resolved_config(study, arm)
+        per_step = tokens_per_step(config)
+        budget = arm.budget_tokens or study.budget_tokens
+        if budget:
+            max_steps, tokens = math.ceil(budget / per_step), budget
+        else:
+            max_steps = int((config.get("trainer") or {}).get("max_steps") or -1)
+            if max_steps < 1:
+                raise ConfigError(f"{study.file}: arms.{arm.name}: set budget_tokens or trainer.max_steps")
+            tokens = max_steps * per_step
+        plans[arm.name] = ArmPlan(
+            per_step, max_steps, tokens, estimate_seconds(config, tokens, flops_per_second), config
+        )
+    totals = {name: sum(plans[a].tokens for a in study.chain(name)) for name in study.compared}
+    if len(set(totals.values())) > 1 and not study.allow_unequal_budgets:
+        listed = ", ".join(f"{name}={tokens:,}" for name, tokens in totals.items())
+        raise ConfigError(
+            f"{study.file}: the compared arms train different numbers of tokens ({listed}); "
+            "set budget_tokens, or allow_unequal_budgets: true"
+        )
+    return plans
+
+
+def measured_flops(threads: int) -> float:
+    """Float32 matmul FLOP/s of this machine at `threads` threads, times the share of it a
+    training step reaches (measured on small models on CPU, see docs/studies.md)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    start, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    rate = 2 * 512**3 * repeats / (time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    return rate * TRAINING_EFFICIENCY
+
+
+TRAINING_EFFICIENCY = 0.3
+
+
+def study_dir(study: Study, root: Path, resume: str | None) -> Path:
+    """A new `<root>/<name>/<timestamp>`, or the study folder to continue."""
+    if resume is None:
+        folder = root / study.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+        folder.mkdir(parents=True)
+        return folder
+    if resume == "latest":
+        started = sorted(p for p in (root / study.name).glob("*") if (p / "study.json").is_file())
+        if not started:
+            raise ConfigError(f"--resume: no study folder under {root / study.name} to continue")
+        return started[-1]
+    folder = Path(resume)
+    if not (folder / "study.json").is_file():
+        raise ConfigError(f"--resume: {resume!r} is not a study folder (it has no study.json)")
+    return folder
+
+
+def identity(study: Study) -> dict:
+    """What must not change when a study folder is continued (more seeds may be added)."""
+    fields = asdict(study)
+    for key in ("seeds", "file"):
+        fields.pop(key)
+    return json.loads(json.dumps(fields))
+
+
+def record_study(folder: Path, study: Study, plans: dict[str, ArmPlan]) -> None:
+    saved = folder / "study.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if before != identity(study):
+            changed = sorted(k for k in identity(study) if before.get(k) != identity(study)[k])
+            raise ConfigError(
+                f"--resume: {folder} was started from a different study ({', '.join(changed)} changed); "
+                "start a new study folder instead"
+            )
+    else:
+        saved.write_text(json.dumps(identity(study), indent=2) + "\n")
+    (folder / "configs").mkdir(exist_ok=True)
+    for name, arm_plan in plans.items():
+        (folder / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(arm_plan.config, sort_keys=False))
+    (folder / "configs" / "study.yaml").write_text(Path(study.file).read_text())
+
+
+def launch(command: list[str], log: Path, threads: int) -> int:
+    """Run one command in its own process with `threads` threads, its output appended to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+
+
+def failure(log: Path) -> str:
+    """The error line of a failed process's log (its last line when it printed none)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
+
+
+def newest_version(experiment: Path) -> Path | None:
+    versions = sorted(experiment.glob("version_*"), key=lambda p: int(p.name.removeprefix("version_")))
+    return versions[-1] if versions else None
+
+
+def trained(run: Path | None) -> bool:
+    """The run finished training: its final model and validation are written."""
+    return run is not None and (run / "hf_model").is_dir() and (run / "metrics.json").is_file()
+
+
+class Driver:
+    """Runs the study's jobs (arm, seed); a job waits for the run its arm starts from."""
+
+    def __init__(self, study: Study, plans: dict[str, ArmPlan], folder: Path, parallel: int) -> None:
+        self.study, self.plans, self.folder = study, plans, folder
+        self.threads = max(1, (os.cpu_count() or 1) // parallel)
+        self.parallel = parallel
+        self.done = 0
+
+    def experiment(self, arm: str, seed: int) -> Path:
+        return self.folder / "runs" / arm / f"seed_{seed}"
+
+    def run_all(self) -> list[Outcome]:
+        jobs = sorted(
+            ((arm, seed) for arm in self.study.arms for seed in self.study.seeds),
+            key=lambda job: (len(self.study.chain(job[0])), job[1]),
+        )
+        futures: dict[tuple[str, int], Future] = {}
+        with ThreadPoolExecutor(self.parallel) as pool:
+            for arm, seed in jobs:
+                parent = self.study.arms[arm].init_from
+                futures[arm, seed] = pool.submit(self.job, arm, seed, futures.get((parent, seed)), len(jobs))
+            return [futures[job].result() for job in jobs]
+
+    def job(self, arm: str, seed: int, parent: Future | None, total: int) -> Outcome:
+        experiment = self.experiment(arm, seed)
+        experiment.mkdir(parents=True, exist_ok=True)
+        marker = experiment / OUTCOME
+        if marker.is_file() and (previous := Outcome(**json.loads(marker.read_text()))).status == "ok":
+            self.progress(total, f"{arm} seed {seed}: finished before, skipped")
+            return previous
+        outcome = self.execute(arm, seed, experiment, parent.result() if parent else None)
+        marker.write_text(json.dumps(asdict(outcome), indent=2) + "\n")
+        said = f"failed: {outcome.error}" if outcome.status != "ok" else f"trained in {outcome.train_s:.0f} s"
+        self.progress(total, f"{arm} seed {seed}: {said}")
+        return outcome
+
+    def progress(self, total: int, message: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{total}] {message}", flush=True)
+
+    def execute(self, arm_name: str, seed: int, experiment: Path, parent: Outcome | None) -> Outcome:
+        arm, plan_ = self.study.arms[arm_name], self.plans[arm_name]
+        outcome = Outcome(arm_name, seed, "failed", tokens=plan_.max_steps * plan_.tokens_per_step)
+        if parent is not None and parent.status != "ok":
+            outcome.error = f"the run it starts from ({parent.arm} seed {seed}) failed"
+            return outcome
+        run = newest_version(experiment)
+        if not trained(run):
+            command = [
+                sys.executable,
+                "-m",
+                "experiments.run",
+                *arm_args(self.study, arm),
+                "--seed_everything",
+                str(seed),
+                "--data.init_args.seed",
+                str(seed),
+                "--trainer.max_steps",
+                str(plan_.max_steps),
+                "--runs_dir",
+                str(self.folder / "runs"),
+                "--experiment",
+                f"{arm_name}/seed_{seed}",
+            ]
+            if parent is not None:
+                command += [
+                    "--model.init_args.init_from",
+                    parent.run_dir,
+                    "--data.init_args.tokenizer_path",
+                    parent.run_dir,
+                ]
+            if run is not None and (run / "checkpoints" / "last.ckpt").is_file():
+                command += ["--ckpt_path", "last"]
+            start = time.perf_counter()
+            code = launch(command, experiment / "train.log", self.threads)
+            outcome.train_s = time.perf_counter() - start
+            run = newest_version(experiment)
+            if code != 0 or not trained(run):
+                outcome.error = f"training: {failure(experiment / 'train.log')} (log: {experiment / 'train.log'})"
+                return outcome
+        outcome.run_dir = str(run)
+        if arm.compare and self.study.suites:
+            start = time.perf_counter()
+            code = launch(self.evaluate_command(run, seed), experiment / "eval.log", self.threads)
+            outcome.eval_s = time.perf_counter() - start
+            if code != 0:
+                outcome.error = f"evaluation: {failure(experiment / 'eval.log')} (log: {experiment / 'eval.log'})"
+                return outcome
+        outcome.status = "ok"
+        return outcome
+
+    def evaluate_command(self, run: Path, seed: int) -> list[str]:
+        """Each suite's examples are drawn with the run's seed (the built-in corpus of that seed is the
+        one the run trained on); the study's evaluate args come after, so they can override it."""
+        seeded = [
+            token
+            for suite in self.study.suites
+            if "seed" in suite_module(suite).Options.__dataclass_fields__
+            for token in (f"--{suite}.seed", str(seed))
+        ]
+        return [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            "--run",
+            str(run),
+            "--suites",
+            ",".join(self.study.suites),
+            *seeded,
+            *self.study.eval_args,
+        ]
+
+
+def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int) -> str:
+    """The arms x seeds plan, as printed by --dry-run."""
+    rows = [
+        "| arm | config | starts from | tokens/step | steps | tokens | est. time per run |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, arm in study.arms.items():
+        p = plans[name]
+        rows.append(
+            f"| {name}{'' if arm.compare else ' (not compared)'} | {arm.config} | {arm.init_from or '-'} | "
+            f"{p.tokens_per_step:,} | {p.max_steps:,} | {p.tokens:,} | {minutes(p.estimate_s)} |"
+        )
+    total = sum(p.estimate_s for p in plans.values()) * len(study.seeds) / parallel
+    return "\n".join(
+        [
+            f"study {study.name} (size {study.size}): {len(study.arms)} arms x {len(study.seeds)} seeds "
+            f"{list(study.seeds)} = {len(study.arms) * len(study.seeds)} runs, {parallel} at a time",
+            f"question: {study.question}",
+            f"baseline: {study.baseline}; metrics: "
+            + ", ".join(f"{m} ({d} is better)" for m, d in study.metrics.items()),
+            f"evaluate: {', '.join(study.suites) or '(no suites)'} {' '.join(study.eval_args)}".rstrip(),
+            "",
+            *rows,
+            "",
+            f"estimated training time: ~{minutes(total)} in all (a rough guide: evaluation time is not included)",
+            "every config is valid; nothing was trained (--dry-run)",
+        ]
+    )
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the study YAML (see experiments/configs/studies/)")
-    parser.add_argument("--runs_dir", help="override the study's runs_dir")
-    args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text())
-    if args.runs_dir:
-        config["runs_dir"] = args.runs_dir
-    results = study(config)
-    print(table(results))
-    return results
+    parser.add_argument("--config", required=True, help="the study YAML (experiments/configs/studies/<name>.yaml)")
+    parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the study's seeds")
+    parser.add_argument(
+        "--size", default=DEFAULT_SIZE, help="a size of the study's `sizes` (default: cpu, the top level)"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once; the CPU threads are split between them")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and validate every config; train nothing"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue a study folder (default: the newest of this study): finished runs are skipped",
+    )
+    parser.add_argument("--studies_dir", default="studies", help="where study folders go (default: studies)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.parallel < 1:
+            raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
+        study = load_study(args.config, args.size, args.seeds)
+        threads = max(1, (os.cpu_count() or 1) // args.parallel)
+        plans = plan(study, measured_flops(threads))
+        if args.dry_run:
+            print(dry_run(study, plans, args.parallel))
+            return None
+        folder = study_dir(study, Path(args.studies_dir), args.resume)
+        record_study(folder, study, plans)
+    except MasklabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"study folder: {folder}", flush=True)
+    outcomes = Driver(study, plans, folder, args.parallel).run_all()
+    from experiments.study_report import write_report
+
+    command = " ".join(["python -m experiments.study", *argv])
+    report = write_report(study, {name: p.tokens_per_step for name, p in plans.items()}, outcomes, folder, command)
+    failed = [o for o in outcomes if o.status != "ok"]
+    print(f"report: {report}" + (f" ({len(failed)} of {len(outcomes)} runs failed, see the report)" if failed else ""))
+    return folder
 
 
 if __name__ == "__main__":

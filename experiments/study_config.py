@@ -1,0 +1,258 @@
+"""The study YAML (`experiments/configs/studies/<name>.yaml`), read and checked as a whole.
+
+Every mistake the file can hold is found here, before anything trains, and reported as one
+`ConfigError` naming the file and the key at fault. The format is described in docs/studies.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import ConfigError
+from evaluation.suites import SUITES
+
+TOP_KEYS = {
+    "name",
+    "question",
+    "baseline",
+    "seeds",
+    "budget_tokens",
+    "allow_unequal_budgets",
+    "args",
+    "arms",
+    "evaluate",
+    "metrics",
+    "sizes",
+}
+ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare"}
+DIRECTIONS = ("higher", "lower")
+DEFAULT_SIZE = "cpu"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a run config plus overrides. `init_from` names the arm whose run of the same seed
+    this one starts from (pre-train -> fine-tune); `compare: false` arms are trained for others to
+    start from but neither evaluated nor compared."""
+
+    name: str
+    config: str
+    args: tuple[str, ...] = ()
+    init_from: str | None = None
+    budget_tokens: int | None = None
+    compare: bool = True
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    question: str
+    baseline: str
+    seeds: tuple[int, ...]
+    budget_tokens: int | None
+    allow_unequal_budgets: bool
+    args: tuple[str, ...]
+    arms: dict[str, Arm]
+    suites: tuple[str, ...]
+    eval_args: tuple[str, ...]
+    metrics: dict[str, str]  # metric -> "higher" | "lower": the direction that is better
+    file: str
+    size: str
+
+    @property
+    def compared(self) -> list[str]:
+        return [name for name, arm in self.arms.items() if arm.compare]
+
+    def chain(self, arm: str) -> list[str]:
+        """`arm` and the arms it starts from, the first pre-training first."""
+        names = [arm]
+        while (parent := self.arms[names[0]].init_from) is not None:
+            names.insert(0, parent)
+        return names
+
+
+def cli_tokens(values: Any, where: str, errors: list[str]) -> tuple[str, ...]:
+    """A YAML list of command-line tokens, as strings (`[--trainer.max_steps, 100]`)."""
+    if values is None:
+        return ()
+    if not isinstance(values, list) or any(isinstance(v, (dict, list)) for v in values):
+        errors.append(f"{where} must be a list of command-line tokens, got {values!r}")
+        return ()
+    return tuple("null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+
+
+def positive_int(value: Any, where: str, errors: list[str]) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        errors.append(f"{where} must be a positive integer, got {value!r}")
+        return None
+    return value
+
+
+def seed_list(value: Any, where: str, errors: list[str]) -> tuple[int, ...]:
+    """`n` -> seeds 0..n-1; a list -> those seeds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            errors.append(f"{where} must be at least 1, got {value}")
+            return ()
+        return tuple(range(value))
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    errors.append(f"{where} must be a count >= 1 or a list of distinct non-negative integers, got {value!r}")
+    return ()
+
+
+def metric_error(metric: str, suites: tuple[str, ...]) -> str | None:
+    """Why `metric` cannot be read from a study run's metrics.json, or None. A run writes its final
+    validation as `val/<name>` and each evaluation suite as `eval/<suite>/<name>`."""
+    group, _, rest = metric.partition("/")
+    if group == "val" and rest:
+        return None
+    suite, _, name = rest.partition("/")
+    if group != "eval" or suite not in SUITES or not name:
+        return (
+            f"metrics: unknown metric {metric!r} (a run's metrics.json holds val/<name> and eval/<suite>/<name>, "
+            f"suites: {', '.join(SUITES)})"
+        )
+    if suite not in suites:
+        return f"metrics: {metric!r}: no chosen suite produces it (evaluate.suites: {list(suites)}; add {suite!r})"
+    return None
+
+
+def read_arms(raw: Any, errors: list[str]) -> dict[str, Arm]:
+    if not isinstance(raw, dict) or not raw:
+        errors.append(f"arms must map arm names to {{config: ..., args: [...]}}, got {raw!r}")
+        return {}
+    arms = {}
+    for name, spec in raw.items():
+        where = f"arms.{name}"
+        if not isinstance(spec, dict) or "config" not in spec:
+            errors.append(f"{where} must be a mapping with a config, got {spec!r}")
+            continue
+        if unknown := sorted(set(spec) - ARM_KEYS):
+            errors.append(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(ARM_KEYS))})")
+        if not Path(str(spec["config"])).is_file():
+            errors.append(f"{where}.config: {spec['config']!r} is not a file")
+        if "/" in str(name) or not str(name).strip():
+            errors.append(f"{where}: an arm name must be a non-empty word without '/'")
+        compare = spec.get("compare", True)
+        if not isinstance(compare, bool):
+            errors.append(f"{where}.compare must be true or false, got {compare!r}")
+        arms[str(name)] = Arm(
+            str(name),
+            str(spec["config"]),
+            cli_tokens(spec.get("args"), f"{where}.args", errors),
+            None if spec.get("init_from") is None else str(spec["init_from"]),
+            positive_int(spec.get("budget_tokens"), f"{where}.budget_tokens", errors),
+            compare is not False,
+        )
+    for arm in arms.values():
+        seen = [arm.name]
+        parent = arm.init_from
+        while parent is not None:
+            if parent not in arms:
+                errors.append(f"arms.{arm.name}.init_from: {parent!r} is not an arm (arms: {', '.join(arms)})")
+                break
+            if parent in seen:
+                errors.append(f"arms.{arm.name}.init_from: the chain {' -> '.join([*seen, parent])} is a cycle")
+                break
+            seen.append(parent)
+            parent = arms[parent].init_from
+    return arms
+
+
+def resolve_size(raw: dict, size: str, file: str) -> dict:
+    """The top level with the size's keys replacing it (`args` is appended instead)."""
+    sizes = raw.get("sizes") or {}
+    if not isinstance(sizes, dict):
+        raise ConfigError(f"{file}: sizes must map size names to keys, got {sizes!r}")
+    if size == DEFAULT_SIZE and size not in sizes:
+        return raw
+    if size not in sizes:
+        raise ConfigError(
+            f"{file}: --size {size!r} is not a size of this study (sizes: {DEFAULT_SIZE}, {', '.join(sizes)})"
+        )
+    overrides = sizes[size] or {}
+    if not isinstance(overrides, dict) or set(overrides) - (TOP_KEYS - {"name", "sizes"}):
+        raise ConfigError(f"{file}: sizes.{size} must be a mapping of top-level keys other than name and sizes")
+    merged = {**raw, **overrides}
+    merged["args"] = [*(raw.get("args") or []), *(overrides.get("args") or [])]
+    return merged
+
+
+def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) -> Study:
+    """The study in `path` at `size`; `seeds` (the --seeds option) replaces its seeds with 0..seeds-1."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: {path!r} is not a file")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a mapping of keys (name, arms, metrics, ...)")
+    if unknown := sorted(set(raw) - TOP_KEYS):
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
+    raw = resolve_size(raw, size, path)
+    errors: list[str] = []
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        errors.append(f"name must be a non-empty word without '/', got {name!r}")
+    arms = read_arms(raw.get("arms"), errors)
+    baseline = raw.get("baseline")
+    if arms and (baseline not in arms or not arms[baseline].compare):
+        errors.append(
+            f"baseline: {baseline!r} is not a compared arm (arms: {', '.join(a for a in arms if arms[a].compare)})"
+        )
+    if seeds is not None:
+        seed_values = seed_list(seeds, "--seeds", errors)
+    else:
+        seed_values = seed_list(raw.get("seeds", 3), "seeds", errors)
+    evaluate = raw.get("evaluate") or {}
+    if not isinstance(evaluate, dict) or set(evaluate) - {"suites", "args"}:
+        errors.append(f"evaluate must be a mapping with suites and args, got {evaluate!r}")
+        evaluate = {}
+    suites = evaluate.get("suites") or []
+    if not isinstance(suites, list) or (unknown := [s for s in suites if s not in SUITES]):
+        errors.append(f"evaluate.suites: unknown suite(s) in {suites!r} (known: {', '.join(SUITES)})")
+        suites = []
+    metrics = raw.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        errors.append(f"metrics must map metric names to higher or lower, got {metrics!r}")
+        metrics = {}
+    for metric, direction in metrics.items():
+        if direction not in DIRECTIONS:
+            errors.append(f"metrics.{metric} must be higher or lower (the direction that is better), got {direction!r}")
+        if error := metric_error(str(metric), tuple(suites)):
+            errors.append(error)
+    allow = raw.get("allow_unequal_budgets", False)
+    if not isinstance(allow, bool):
+        errors.append(f"allow_unequal_budgets must be true or false, got {allow!r}")
+    study = Study(
+        name=str(name),
+        question=str(raw.get("question") or ""),
+        baseline=str(baseline),
+        seeds=seed_values,
+        budget_tokens=positive_int(raw.get("budget_tokens"), "budget_tokens", errors),
+        allow_unequal_budgets=allow is True,
+        args=cli_tokens(raw.get("args"), "args", errors),
+        arms=arms,
+        suites=tuple(suites),
+        eval_args=cli_tokens(evaluate.get("args"), "evaluate.args", errors),
+        metrics={str(k): v for k, v in metrics.items()},
+        file=str(path),
+        size=size,
+    )
+    if errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    return study

@@ -1,0 +1,337 @@
+"""What a finished study writes: `results.csv`, `report.md`, `plots/*.png`, and each run's
+hyperparameters and final metrics in TensorBoard's HParams dashboard.
+
+Everything is read back from the runs' own files (`metrics.json`, TensorBoard events, `config.yaml`,
+`eval/needle.json`), so a report can be rebuilt from a study folder at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from experiments.stats import Estimate, estimate, paired_differences, verdict
+from experiments.study_config import Study
+
+POSITION_KEY = re.compile(r"^eval/retrieval/(?P<task>.+)/acc_position_(?P<position>\d+)$")
+CURVES = ("train/loss", "val/loss")
+SEED_NOTE = (
+    "One seed sets the model initialisation, the data order and the masks together "
+    "(`--seed_everything S --data.init_args.seed S`; on the built-in corpus it also generates that seed's "
+    "corpus, and the evaluation suites draw their examples with it), so the spread over seeds is all of "
+    "these at once, and a difference is paired over runs that share all of them."
+)
+
+
+@dataclass
+class RunResult:
+    """One run of the study, as its files tell it."""
+
+    arm: str
+    seed: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    tokens: int = 0
+    run_dir: Path | None = None
+    error: str | None = None
+
+
+def collect(outcomes: list[Any]) -> list[RunResult]:
+    """Outcomes (experiments.study.Outcome) joined with each run's metrics.json."""
+    results = []
+    for o in outcomes:
+        run_dir = Path(o.run_dir) if o.run_dir else None
+        metrics_file = run_dir / "metrics.json" if run_dir else None
+        metrics = json.loads(metrics_file.read_text()) if metrics_file and metrics_file.is_file() else {}
+        results.append(RunResult(o.arm, o.seed, o.status, metrics, o.train_s, o.eval_s, o.tokens, run_dir, o.error))
+    return results
+
+
+def write_csv(results: list[RunResult], path: Path) -> None:
+    keys = sorted({k for r in results for k in r.metrics})
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["arm", "seed", "status", "tokens_seen", "train_s", "eval_s", *keys, "error"])
+        for r in results:
+            writer.writerow(
+                [r.arm, r.seed, r.status, r.tokens, f"{r.train_s:.1f}", f"{r.eval_s:.1f}"]
+                + [r.metrics.get(k, "") for k in keys]
+                + [r.error or ""]
+            )
+
+
+def by_seed(results: list[RunResult], arm: str, metric: str) -> dict[int, float]:
+    """{seed: value} of `metric` over the arm's successful runs that report it."""
+    return {
+        r.seed: float(r.metrics[metric]) for r in results if r.arm == arm and r.status == "ok" and metric in r.metrics
+    }
+
+
+def fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.4g}"
+
+
+def interval(e: Estimate, signed: bool = False) -> str:
+    if e.n == 0:
+        return "–"
+    sign = "+" if signed else ""
+    mean = f"{e.mean:{sign}.4g}"
+    return mean if e.n < 2 else f"{mean} [{e.low:{sign}.4g}, {e.high:{sign}.4g}]"
+
+
+def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
+    higher = study.metrics[metric] == "higher"
+    base = by_seed(results, study.baseline, metric)
+    rows = [
+        f"| arm | n | mean ± 95% CI | 95% CI | paired difference to {study.baseline} [95% CI] | pairs | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for arm in study.compared:
+        values = by_seed(results, arm, metric)
+        e = estimate(list(values.values()))
+        spread = "–" if e.n == 0 else fmt(e.mean) if e.n < 2 else f"{e.mean:.4g} ± {e.half_width:.3g}"
+        ci = "–" if e.n < 2 else f"[{e.low:.4g}, {e.high:.4g}]"
+        if arm == study.baseline:
+            rows.append(f"| {arm} (baseline) | {e.n} | {spread} | {ci} | – | – | – |")
+            continue
+        d = estimate(list(paired_differences(values, base).values()))
+        rows.append(f"| {arm} | {e.n} | {spread} | {ci} | {interval(d, signed=True)} | {d.n} | {verdict(d, higher)} |")
+    return "\n".join(rows)
+
+
+def report_text(study: Study, results: list[RunResult], plots: list[Path], command: str) -> str:
+    failed = [r for r in results if r.status != "ok"]
+    lines = [
+        f"# Study: {study.name}",
+        "",
+        study.question,
+        "",
+        f"Command: `{command}`  ",
+        f"Size: {study.size}; seeds: {list(study.seeds)}; baseline: {study.baseline}; "
+        f"runs: {len(results)} ({len(results) - len(failed)} finished, {len(failed)} failed).",
+        "",
+        SEED_NOTE + " Intervals are t-based 95% confidence intervals over seeds; a difference is arm − "
+        'baseline per seed, over the seeds both finished. The verdict is "better" or "worse" when the '
+        'difference\'s interval excludes 0, else "no difference detected at n=<pairs>".',
+        "",
+    ]
+    for metric, direction in study.metrics.items():
+        lines += [f"## {metric} ({direction} is better)", "", metric_table(study, results, metric), ""]
+        if not any(metric in r.metrics for r in results):
+            lines += [f"No run wrote {metric!r} to its metrics.json.", ""]
+    if failed:
+        lines += ["## Failed runs", "", "| arm | seed | error |", "| --- | --- | --- |"]
+        lines += [f"| {r.arm} | {r.seed} | {(r.error or '').replace('|', '/')} |" for r in failed]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "Every run's numbers: [results.csv](results.csv); TensorBoard: `tensorboard --logdir runs`."]
+    return "\n".join(lines) + "\n"
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of a run's TensorBoard events (the run dir's own files, not subfolders)."""
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return out
+
+
+def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dict[str, int]):
+    """train/loss and val/loss against tokens: the mean over seeds, and the band from the lowest to
+    the highest seed, per arm."""
+    runs = {r.run_dir: scalars(r.run_dir) for r in results if r.status == "ok" and r.run_dir}
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
+    for ax, tag in zip(axes, CURVES):
+        for i, arm in enumerate(study.compared):
+            curves = [runs[r.run_dir].get(tag, {}) for r in results if r.arm == arm and r.run_dir in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+            if not steps:
+                continue
+            values = np.array([[c[s] for s in steps] for c in curves])  # [seeds, steps]
+            x = np.array(steps) * tokens_per_step[arm]
+            colour = f"C{i}"
+            ax.plot(x, values.mean(0), color=colour, label=f"{arm} (n={len(curves)})")
+            ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.2)
+        ax.set_xlabel("tokens trained")
+        ax.set_ylabel(tag)
+        ax.set_title(f"{tag}: mean over seeds, band = lowest to highest seed")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def metric_bars(study: Study, results: list[RunResult]):
+    """One panel per metric: each arm's mean with its 95% CI whiskers, and the seeds as dots."""
+    metrics = list(study.metrics)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.1 * len(study.compared) + 2) * len(metrics), 4.2))
+    axes = np.atleast_1d(axes)
+    arms = study.compared
+    for ax, metric in zip(axes, metrics):
+        for i, arm in enumerate(arms):
+            values = list(by_seed(results, arm, metric).values())
+            e = estimate(values)
+            if e.n == 0:
+                continue
+            error = [[e.mean - e.low], [e.high - e.mean]] if e.n > 1 else None
+            ax.bar(i, e.mean, color=f"C{i}", alpha=0.6, yerr=error, capsize=6)
+            ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        ax.set_xticks(
+            range(len(arms)), arms, rotation=20 if len(arms) > 3 else 0, ha="right" if len(arms) > 3 else "center"
+        )
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} ({study.metrics[metric]} is better)\nmean, 95% CI, dots = seeds", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def retrieval_by_position(study: Study, results: list[RunResult]):
+    """Retrieval accuracy by the gold item's position, per task, each arm's mean over seeds with 95%
+    CI whiskers; None when no run has per-position retrieval metrics."""
+    found = {(m["task"], int(m["position"])) for r in results for key in r.metrics if (m := POSITION_KEY.match(key))}
+    if not found:
+        return None
+    tasks = sorted({task for task, _ in found})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        positions = sorted(p for t, p in found if t == task)
+        for i, arm in enumerate(study.compared):
+            estimates = [
+                estimate(list(by_seed(results, arm, f"eval/retrieval/{task}/acc_position_{p}").values()))
+                for p in positions
+            ]
+            means = np.array([e.mean for e in estimates])
+            errors = np.array(
+                [
+                    [e.mean - e.low if e.n > 1 else 0 for e in estimates],
+                    [e.high - e.mean if e.n > 1 else 0 for e in estimates],
+                ]
+            )
+            offset = (i - (len(study.compared) - 1) / 2) * 0.06
+            ax.errorbar(
+                np.array(positions) + offset, means, yerr=errors, marker="o", capsize=4, color=f"C{i}", label=arm
+            )
+        ax.set_xticks(positions)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("position of the gold item (1 = first)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"retrieval ({task}) by gold position: mean, 95% CI over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def needle_heatmaps(study: Study, results: list[RunResult]):
+    """Each arm's needle exact match by depth x length, averaged over seeds, side by side on one
+    colour scale; None when no run has a needle result."""
+    grids = {}
+    for arm in study.compared:
+        found = [
+            json.loads(path.read_text())
+            for r in results
+            if r.arm == arm
+            and r.status == "ok"
+            and r.run_dir
+            and (path := r.run_dir / "eval" / "needle.json").is_file()
+        ]
+        if found and all("exact_match" in f for f in found):
+            grids[arm] = (np.mean([f["exact_match"] for f in found], axis=0), found[0], len(found))
+    if not grids:
+        return None
+    figure, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1.5, 4.2), squeeze=False)
+    for ax, (arm, (grid, details, n)) in zip(axes[0], grids.items()):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (row, col), value in np.ndenumerate(grid):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(details["lengths"])), [str(n_) for n_ in details["lengths"]])
+        ax.set_yticks(range(len(details["depths"])), [f"{100 * d:.0f}%" for d in details["depths"]])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{arm}: mean of {n} seed(s)")
+    figure.colorbar(image, ax=list(axes[0]), label="exact match")
+    figure.suptitle("needle in a haystack: exact match by depth and length")
+    return figure
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat(value, f"{name}.")
+        else:
+            out[name] = value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
+    return out
+
+
+RUN_SPECIFIC = ("seed", "runs_dir", "experiment", "ckpt_path", "init_from", "tokenizer_path", "config")
+
+
+def write_hparams(study: Study, results: list[RunResult]) -> None:
+    """Each finished run's hyperparameters (arm, seed, and every config key whose value differs
+    between the study's runs) and final study metrics, into `<run>/hparams/` for TensorBoard's
+    HParams dashboard. Rewritten on every report, so it always matches results.csv."""
+    done = [r for r in results if r.status == "ok" and r.run_dir and (r.run_dir / "config.yaml").is_file()]
+    configs = {r.run_dir: flat(yaml.safe_load((r.run_dir / "config.yaml").read_text())) for r in done}
+    keys = sorted({k for c in configs.values() for k in c})
+    varying = [
+        k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1 and not k.endswith(RUN_SPECIFIC)
+    ]
+    for r in done:
+        folder = r.run_dir / "hparams"
+        shutil.rmtree(folder, ignore_errors=True)
+        hparams = {"arm": r.arm, "seed": r.seed} | {k: configs[r.run_dir].get(k) for k in varying}
+        hparams = {k: "null" if v is None else v for k, v in hparams.items()}
+        metrics = {f"hparams/{m}": float(r.metrics[m]) for m in study.metrics if m in r.metrics}
+        metrics["hparams/train_s"] = r.train_s
+        with SummaryWriter(str(folder)) as writer:
+            writer.add_hparams(hparams, metrics, run_name=".")
+
+
+def write_report(
+    study: Study, tokens_per_step: dict[str, int], outcomes: list[Any], folder: Path, command: str
+) -> Path:
+    """results.csv, report.md, plots/ and the HParams records of a study folder; returns report.md."""
+    results = collect(outcomes)
+    write_csv(results, folder / "results.csv")
+    (folder / "plots").mkdir(exist_ok=True)
+    figures = {
+        "learning_curves": learning_curves(study, results, tokens_per_step),
+        "metrics": metric_bars(study, results),
+        "retrieval_by_position": retrieval_by_position(study, results),
+        "needle": needle_heatmaps(study, results),
+    }
+    plots = []
+    for name, figure in figures.items():
+        if figure is None:
+            continue
+        plots.append(folder / "plots" / f"{name}.png")
+        figure.savefig(plots[-1], dpi=120, bbox_inches="tight")
+        plt.close(figure)
+    write_hparams(study, results)
+    report = folder / "report.md"
+    report.write_text(report_text(study, results, plots, command))
+    return report
