@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+from callbacks.peak_flops import peak_flops
 
 
 class MaskRatioLogger(L.Callback):
     """Logs `mask/ratio`, the ratio the masking policy is set to, and `mask/share`, the share of
     real tokens the batch actually masked (they differ for policies whose budget is not the
-    ratio, e.g. penultimate-token masking)."""
+    ratio, e.g. penultimate-token masking, which has no `mask/ratio`)."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, *args: Any
     ) -> None:
         share = batch["masked"].sum() / batch["attention_mask"].sum().clamp_min(1)
-        pl_module.log_dict({"mask/ratio": trainer.datamodule.policy.ratio, "mask/share": share.float()})
+        policy = trainer.datamodule.policy
+        pl_module.log_dict({"mask/share": share.float(), **({"mask/ratio": policy.ratio} if policy.uses_ratio else {})})
 
 
 def _batch_size(batch: dict) -> int:
@@ -37,22 +43,27 @@ class TokenThroughputMonitor(ThroughputMonitor):
     Args:
         window_size: batches the rates are averaged over.
         peak_flops: the device's peak FLOP/s at the training precision (e.g. 989e12 for an H100 SXM
-            in bf16). None = Lightning's table of known GPUs; a CPU or an unlisted GPU then logs
-            no `perf/mfu`.
+            in bf16). None = masklab's table of dense GPU peaks (callbacks/peak_flops.py); a CPU
+            or an unlisted GPU then logs no `perf/mfu`.
     """
 
-    RENAMES = {"items": "tokens", "lengths": "tokens"}
+    RENAMES: ClassVar[dict[str, str]] = {"items": "tokens", "lengths": "tokens"}
 
     def __init__(self, window_size: int = 10, peak_flops: float | None = None) -> None:
         super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size)
         self.peak_flops = peak_flops
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.peak_flops is not None:
-            self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.peak_flops
+        with warnings.catch_warnings():  # Lightning's table is replaced by ours: its misses are not ours
+            warnings.filterwarnings("ignore", message="FLOPs not found|.* does not support")
+            super().setup(trainer, pl_module, stage)
+        peak = self.peak_flops
+        device = trainer.strategy.root_device
+        if peak is None and device.type == "cuda":
+            peak = peak_flops(torch.cuda.get_device_name(device), _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.available_flops = peak
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
         if not trainer._logger_connector.should_update_logs or trainer.state.stage != "train":

@@ -1,12 +1,17 @@
 """The GPU path (issue 14) on a CPU: bf16 with a fused optimiser and clipping, the peak FLOP/s
 table, the speed keys' validation. Tests that need CUDA are skipped without it."""
 
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
+from callbacks import TokenThroughputMonitor
+from callbacks.peak_flops import gpu_peak, peak_flops
 from experiments.run import main
 from lightning_modules import CausalLMModule
 from tests.test_lightning_modules import TINY as MODULE
@@ -118,3 +123,61 @@ def test_fp16_grad_scaler_unscales_a_fused_optimiser_before_clipping():
     for after, want in zip(module.parameters(), reference.parameters()):
         torch.testing.assert_close(after.detach(), want.detach(), rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before))
+
+
+# the strings torch.cuda.get_device_name() returns on these GPUs, and their dense bf16 / fp32 peaks
+DEVICE_NAMES = {
+    "NVIDIA H200": (989.5e12, 67e12),
+    "NVIDIA H200 NVL": (835.5e12, 60e12),
+    "NVIDIA GH200 480GB": (989.5e12, 67e12),
+    "NVIDIA H100 80GB HBM3": (989.5e12, 66.9e12),
+    "NVIDIA H100 PCIe": (756.5e12, 51.2e12),
+    "NVIDIA H100 NVL": (835.5e12, 60e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 19.5e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 19.5e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 19.5e12),
+    "NVIDIA A10G": (125e12, 31.2e12),
+    "NVIDIA A10": (125e12, 31.2e12),
+    "NVIDIA L4": (121e12, 30.3e12),
+    "NVIDIA L40S": (362.05e12, 91.6e12),
+    "NVIDIA L40": (181.05e12, 90.5e12),
+    "NVIDIA GeForce RTX 4090": (165.2e12, 82.6e12),
+    "NVIDIA RTX 6000 Ada Generation": (364.2e12, 91.1e12),
+}
+
+
+@pytest.mark.parametrize("name", DEVICE_NAMES)
+def test_peak_table_matches_the_real_device_names(name):
+    bf16, fp32 = DEVICE_NAMES[name]
+    assert peak_flops(name, torch.bfloat16) == bf16 and peak_flops(name, torch.float16) == bf16
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert peak_flops(name, torch.float32) == fp32
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls on tensor cores: TF32
+    try:
+        assert peak_flops(name, torch.float32) == gpu_peak(name).tf32 > fp32 or name.endswith(("L40", "4090"))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_an_unlisted_gpu_has_no_peak():
+    assert peak_flops("Tesla T4", torch.bfloat16) is None and gpu_peak("NVIDIA Foo 9000") is None
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 989.5e12), (1e15, 1e15)])
+def test_monitor_takes_the_peak_from_the_table_unless_given(given, expected, monkeypatch):
+    """The wiring on a CPU: the device name comes from a patched torch.cuda.get_device_name."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
+        precision_plugin=MixedPrecision("bf16-mixed", "cuda"),
+        enable_validation=True,
+        world_size=1,
+        state=SimpleNamespace(stage=RunningStage.TRAINING),
+    )
+    monitor = TokenThroughputMonitor(peak_flops=given)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lightning's own "FLOPs not found for 'NVIDIA H200'" is silenced
+        monitor.setup(trainer, None, TrainerFn.FITTING)
+    assert monitor.available_flops == expected
+    assert [t.available_flops for t in monitor._throughputs.values()] == [expected, expected]
