@@ -9,6 +9,11 @@ masklab asks mean something on it:
   closed by ``.``, ``!`` or ``?`` (sentence ends and penultimate tokens exist);
 * facts ("The code of Velora is 4812.") stated early in a document and asked for again later
   ("Recall: the code of Velora is 4812."), so long-range retrieval can be trained and measured.
+
+The `retrieval_dense` variant trades language for retrieval, so that a model small enough to train
+on a CPU learns to retrieve early: short documents made mostly of key-value facts, each recalled a
+controlled number of sentences after it is stated, and, in equal shares, the two prompt forms of the
+retrieval suite (JSON records, numbered documents) followed by their answer.
 """
 
 from __future__ import annotations
@@ -95,8 +100,63 @@ class BuiltinCorpus:
         paragraphs = [" ".join(body[i : i + 5]) for i in range(0, len(body), 5)]
         return "\n".join(paragraphs)
 
-    def documents(self, count: int, split: str = "train") -> list[str]:
-        """`count` documents; train and validation draw from disjoint random streams."""
+    def _fact(self, rng: np.random.Generator, names: list[str], attribute: str | None = None) -> tuple[str, str, int]:
+        name = str(rng.choice(self.names))
+        while name in names:
+            name = str(rng.choice(self.names))
+        names.append(name)
+        return name, attribute or str(rng.choice(ATTRIBUTES)), int(rng.integers(1000, 10000))
+
+    def recall_document(self, rng: np.random.Generator, facts: tuple[int, int] = (3, 8), distance: int = 8) -> str:
+        """Facts among filler sentences; each is recalled once, after the first fact that comes at
+        least d sentences later (d uniform in 1..`distance`), or at the document's end."""
+        names: list[str] = []
+        sentences: list[str] = []
+        due: list[tuple[int, str]] = []  # (sentence count from which the recall may come, recall)
+        for _ in range(rng.integers(facts[0], facts[1] + 1)):
+            if rng.random() < 0.5:
+                sentences.append(self.sentence(rng))
+            name, attribute, value = self._fact(rng, names)
+            sentences.append(f"The {attribute} of {name} is {value}.")
+            now = len(sentences)
+            ready = [recall for at, recall in due if at <= now]
+            due = [(at, recall) for at, recall in due if at > now]
+            due.append((now + int(rng.integers(1, distance + 1)), f"Recall: the {attribute} of {name} is {value}."))
+            sentences += ready
+        return " ".join(sentences + [recall for _, recall in due])
+
+    def kv_document(self, rng: np.random.Generator, records: tuple[int, int] = (2, 8)) -> str:
+        """JSON records and a question about one key, in the retrieval suite's form, with its answer."""
+        names: list[str] = []
+        pairs = [self._fact(rng, names)[::2] for _ in range(rng.integers(records[0], records[1] + 1))]
+        key, value = pairs[rng.integers(len(pairs))]
+        data = ", ".join(f'"{name}": "{number}"' for name, number in pairs)
+        return f'JSON data: {{{data}}}\nQuestion: what is the value of "{key}"?\nAnswer: {value}'
+
+    def qa_document(self, rng: np.random.Generator, documents: tuple[int, int] = (2, 4)) -> str:
+        """Numbered documents, each stating one fact, and a question, in the retrieval suite's form."""
+        names: list[str] = []
+        attribute = str(rng.choice(ATTRIBUTES))
+        facts = [self._fact(rng, names, attribute) for _ in range(rng.integers(documents[0], documents[1] + 1))]
+        body = "\n".join(
+            f"Document [{i + 1}] {self.sentence(rng)} The {attribute} of {name} is {value}. {self.sentence(rng)}"
+            for i, (name, _, value) in enumerate(facts)
+        )
+        name, _, value = facts[rng.integers(len(facts))]
+        return f"{body}\nQuestion: what is the {attribute} of {name}?\nAnswer: {value}"
+
+    def retrieval_dense_document(self, rng: np.random.Generator) -> str:
+        kind = rng.integers(3)
+        return (self.recall_document, self.kv_document, self.qa_document)[kind](rng)
+
+    def documents(self, count: int, split: str = "train", variant: str = "default") -> list[str]:
+        """`count` documents of `variant` (see VARIANTS); train and validation draw from disjoint random streams."""
+        if variant not in VARIANTS:
+            raise ValueError(f"data.builtin_variant: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
         stream = {"train": 0, "validation": 1, "test": 2}[split]
         rng = np.random.default_rng([self.seed, stream])
-        return [self.document(rng) for _ in range(count)]
+        make = getattr(self, VARIANTS[variant])
+        return [make(rng) for _ in range(count)]
+
+
+VARIANTS = {"default": "document", "retrieval_dense": "retrieval_dense_document"}
