@@ -18,6 +18,7 @@ from transformers import (
 
 from core.errors import ConfigError, raise_if_any
 from lightning_modules.base import IGNORE_INDEX, LanguageModelModule, OptimizerConfig
+from lightning_modules.deberta_sdpa import use_sdpa_attention
 from lightning_modules.nhot import NHotEmbedding
 from lightning_modules.teacher import load_teacher
 
@@ -45,6 +46,8 @@ class MaskedLMModule(LanguageModelModule):
         attn_implementation: transformers attention kernel: "sdpa" (PyTorch's fused attention),
             "flash_attention_2" (needs the flash-attn package and a GPU), "flex_attention", "eager"
             (plain matmuls; only what needs attention weights); None = the transformers default.
+            DeBERTa-v2 with "sdpa": masklab's SDPA form of its disentangled attention
+            (lightning_modules/deberta_sdpa.py); the export stays a plain (eager) DeBERTa-v2.
         compile: torch.compile the transformer body (needs a C++ compiler on CPU, Triton on GPU).
         gradient_checkpointing: recompute each layer's activations in the backward pass
             (less memory, ~1/3 more compute).
@@ -112,6 +115,14 @@ class MaskedLMModule(LanguageModelModule):
         self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
         # a plain list keeps the frozen teacher out of the state dict, the optimiser and DDP
         self._teacher = [load_teacher(distill_from, vocab["tokens"], "model.distill_from")] if distill_from else []
+
+    def build_model(self, config: PretrainedConfig, attn_implementation: str | None) -> PreTrainedModel:
+        """transformers has no SDPA for DeBERTa-v2: `sdpa` swaps in masklab's (deberta_sdpa.py)."""
+        if config.model_type == "deberta-v2" and attn_implementation == "sdpa":
+            model = super().build_model(config, None)
+            use_sdpa_attention(model)
+            return model
+        return super().build_model(config, attn_implementation)
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """The MLM head (dense + activation + LayerNorm + decoder), as the transformers model applies it."""

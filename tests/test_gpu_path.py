@@ -9,11 +9,13 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from transformers import AutoModelForMaskedLM
 
 from callbacks import TokenThroughputMonitor
 from callbacks.peak_flops import gpu_peak, peak_flops
 from experiments.run import main
-from lightning_modules import CausalLMModule
+from lightning_modules import CausalLMModule, MaskedLMModule
+from lightning_modules.deberta_sdpa import SdpaDisentangledSelfAttention
 from tests.test_lightning_modules import TINY as MODULE
 from tests.test_lightning_modules import toy_batch
 from tests.test_run import CONFIGS, TEACHER
@@ -181,3 +183,44 @@ def test_monitor_takes_the_peak_from_the_table_unless_given(given, expected, mon
         monitor.setup(trainer, None, TrainerFn.FITTING)
     assert monitor.available_flops == expected
     assert [t.available_flops for t in monitor._throughputs.values()] == [expected, expected]
+
+
+DEBERTA = dict(
+    arch="deberta-v2",
+    config_overrides={"relative_attention": True, "position_buckets": 8, "pos_att_type": ["p2c", "c2p"]},
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [DEBERTA["config_overrides"], {**DEBERTA["config_overrides"], "share_att_key": True}, {}],
+    ids=["c2p-p2c", "shared-key", "no-relative"],
+)
+def test_deberta_sdpa_attention_gives_eager_logits_and_gradients(overrides):
+    torch.manual_seed(0)
+    eager = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides)
+    sdpa = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides, attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    assert sum(isinstance(m, SdpaDisentangledSelfAttention) for m in sdpa.modules()) == 2
+    assert not any(isinstance(m, SdpaDisentangledSelfAttention) for m in eager.modules())
+    ids, mask = toy_batch()  # the first row is padded
+    logits = {}
+    for name, module in (("eager", eager), ("sdpa", sdpa)):
+        logits[name] = module(ids, mask)
+        logits[name][mask.bool()].sum().backward()
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=0, atol=1e-4)
+    for (name, got), want in zip(sdpa.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_deberta_sdpa_exports_a_plain_eager_deberta(tmp_path):
+    torch.manual_seed(0)
+    module = MaskedLMModule(**MODULE, **DEBERTA, attn_implementation="sdpa").eval()
+    module.export_model().save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, SdpaDisentangledSelfAttention) for m in reloaded.modules())
+    ids, mask = toy_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, attention_mask=mask).logits, module(ids, mask), atol=1e-4, rtol=0
+        )

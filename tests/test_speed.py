@@ -120,10 +120,10 @@ def test_an_attention_kernel_the_model_lacks_is_one_line(tiny_args, capsys):
             "--model.init_args.arch",
             "deberta-v2",
             "--model.init_args.attn_implementation",
-            "sdpa",
+            "flex_attention",
         )
     err = capsys.readouterr().err
-    assert "error: model.attn_implementation='sdpa': DebertaV2ForMaskedLM does not support" in err
+    assert "error: model.attn_implementation='flex_attention': DebertaV2ForMaskedLM does not support" in err
     assert "Traceback" not in err
 
 
