@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 from core.errors import ConfigError, DataError
 from datamodules.sources import open_hf_split
 from evaluation.model import LoadedModel
+from evaluation.options import as_names
 from evaluation.result import SuiteResult
 from evaluation.scoring import sentence_scores
 
@@ -37,14 +38,14 @@ class Options:
     Args:
         data: a BLiMP .jsonl / .jsonl.gz file or a folder of them (one paradigm per file), e.g. ../shared/data/blimp.
         hf_dataset: a `datasets` source instead of `data` (a save_to_disk folder or a hub id), split `train`.
-        paradigms: only these paradigms (UIDs); None = all.
+        paradigms: only these paradigms (UIDs): a list, one name, or comma-separated names; None = all.
         max_pairs: at most this many pairs per paradigm (the first ones); None = all.
         batch_size: sentences per forward pass (decoders); an encoder runs 8x this many masked rows per pass.
     """
 
     data: str | None = None
     hf_dataset: str | None = None
-    paradigms: list[str] | None = None
+    paradigms: list[str] | str | None = None
     max_pairs: int | None = None
     batch_size: int = 64
 
@@ -104,10 +105,11 @@ def load_pairs(options: Options) -> list[MinimalPair]:
 
 def select(pairs: list[MinimalPair], options: Options) -> list[MinimalPair]:
     if options.paradigms:
-        unknown = sorted(set(options.paradigms) - {p.paradigm for p in pairs})
+        chosen = set(as_names(options.paradigms))
+        unknown = sorted(chosen - {p.paradigm for p in pairs})
         if unknown:
             raise ConfigError(f"blimp.paradigms: {', '.join(unknown)} not in the data")
-        pairs = [p for p in pairs if p.paradigm in options.paradigms]
+        pairs = [p for p in pairs if p.paradigm in chosen]
     if options.max_pairs is not None:
         seen: dict[str, int] = defaultdict(int)
         kept = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ class SuiteResult:
     details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras, written to eval/<suite>.json
 
 
-def update_metrics_json(path: Path, metrics: dict[str, float]) -> dict[str, float]:
-    """Merge `metrics` into the flat `{"name": value}` file at `path` (created if missing)."""
+def update_metrics_json(path: Path, metrics: dict[str, float], replace: Iterable[str] = ()) -> dict[str, float]:
+    """Merge `metrics` into the flat `{"name": value}` file at `path` (created if missing), first
+    dropping its keys that start with any prefix in `replace` (a re-run suite's old results)."""
+    prefixes = tuple(replace)
     merged = json.loads(path.read_text()) if path.exists() else {}
+    merged = {name: value for name, value in merged.items() if not (prefixes and name.startswith(prefixes))}
     merged.update({name: float(value) for name, value in metrics.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")

@@ -7,10 +7,12 @@ move that gold item through every position. Two built-in synthetic tasks follow 
 * `qa`: documents of corpus sentences, each stating one fact of the same attribute about a
   different name; the question asks for the gold document's fact.
 
-A file in lost-in-the-middle's jsonl(.gz) format (`ordered_kv_records`/`key`/`value` for kv,
-`question`/`answers`/`ctxs` for multi-document QA) is read instead when `data` is given, with
-the gold item moved to each position. An answer is correct when it contains a gold answer after
-normalisation (their metric). The prompt is put into the run's fine-tuning template when the run
+Files in lost-in-the-middle's jsonl(.gz) format (`ordered_kv_records`/`key`/`value` for kv,
+`question`/`answers`/`ctxs` for multi-document QA, the one-document "oracle" files included) are
+read instead when `data` is given, each file a task, with the gold item moved to each position.
+Examples whose prompt does not fit the model's context are skipped and counted, not refused.
+An answer is correct when it contains a gold answer after normalisation (their metric); every
+prompt's answer is kept in the suite's json. The prompt is put into the run's fine-tuning template when the run
 has one (`data.prompt_template`), else `{prompt}\\nAnswer:`.
 """
 
@@ -27,9 +29,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from core.errors import ConfigError, DataError
+from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from evaluation.model import LoadedModel
+from evaluation.options import as_names
 from evaluation.result import SuiteResult
 from evaluation.scoring import Answerer, answers, contains_answer
 
@@ -42,8 +45,10 @@ class Options:
 
     Args:
         tasks: built-in synthetic tasks to run: kv (JSON key–value records) and/or qa (documents).
-        data: a lost-in-the-middle .jsonl / .jsonl.gz file; replaces the built-in tasks.
-        items: records / documents per prompt (the gold one included); None = as many as fit the model's context (at most 10; a file's own count).
+        data: lost-in-the-middle .jsonl / .jsonl.gz files (a list, one path, or paths joined by commas), each
+            a task; replaces the built-in tasks.
+        items: records / documents per prompt (the gold one included); None = the most (at most 10 synthetic
+            ones, at most a file's own count) at which at least half of the examples fit the model's context.
         positions: gold positions to test, spread evenly from the first item to the last; None = every position.
         examples: prompts per gold position.
         prompt_template: wraps the prompt; None = the run's data.prompt_template, else "{prompt}\\nAnswer:".
@@ -52,7 +57,7 @@ class Options:
     """
 
     tasks: list[str] | None = None
-    data: str | None = None
+    data: list[str] | str | None = None
     items: int | None = None
     positions: int | None = 5
     examples: int = 20
@@ -159,7 +164,7 @@ def curve(details: dict[str, dict]):
     """Accuracy against the gold item's relative position (0 = first item, 1 = last)."""
     figure, axes = plt.subplots(figsize=(5.5, 3.5))
     for task, d in details.items():
-        relative = [(p - 1) / (d["items"] - 1) for p in d["positions"]]
+        relative = [(p - 1) / max(d["items"] - 1, 1) for p in d["positions"]]  # one item: position 0
         axes.plot(relative, d["accuracy"], marker="o", label=f"{task} ({d['items']} items)")
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("position of the gold item (0 = first, 1 = last)")
@@ -180,22 +185,39 @@ def prompt_ids(loaded: LoadedModel, template: str, prompt: str) -> list[int]:
 
 def fitted(
     loaded: LoadedModel, examples: list[Example], items: int | None, template: str, new_tokens: int, task: str
-) -> list[Example]:
-    """The examples cut to `items` items, or to the most that fit the context when None."""
+) -> tuple[list[Example], int]:
+    """The examples cut to `items` items (None: the most at which at least half of them fit), less
+    those whose prompt does not fit the context; and how many were skipped."""
     available = min(len(e.items) for e in examples)
-    longest = lambda k: (
-        max(len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) for e in examples) + new_tokens
-    )
-    if items is None:
-        items = next((k for k in range(available, 1, -1) if longest(k) <= loaded.context_length), 2)
-    if items > available:
+    if items is not None and items > available:
         raise ConfigError(f"retrieval.items={items}: the {task} examples have only {available} items")
-    if longest(items) > loaded.context_length:
+    context = loaded.context_length
+    fits = lambda e, k: len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) + new_tokens <= context
+    if items is None:
+        items = next((k for k in range(available, 0, -1) if 2 * sum(fits(e, k) for e in examples) >= len(examples)), 0)
+        if items == 0:
+            raise DataError(
+                f"retrieval: no {task} example fits the model's context of {context} tokens, even with 1 item"
+            )
+    kept = [e.truncated(items) for e in examples if fits(e, items)]
+    if not kept:
         raise ConfigError(
-            f"retrieval: {task} prompts of {items} items need {longest(items)} tokens but the model's context is "
-            f"{loaded.context_length}; lower retrieval.items"
+            f"retrieval.items={items}: no {task} prompt of {items} items fits the model's context of {context} tokens;"
+            " lower retrieval.items"
         )
-    return [e.truncated(items) for e in examples]
+    return kept, len(examples) - len(kept)
+
+
+def file_tasks(data: str | list[str], examples: int) -> dict[str, list[Example]]:
+    """Each file a task: `litm_<kind>` for one file, the file's name without suffixes for several."""
+    files = as_names(data)
+    read = {file: read_lost_in_the_middle(file)[:examples] for file in files}
+    if len(files) == 1:
+        return {f"litm_{read[files[0]][0].kind}": read[files[0]]}
+    names = [Path(file).name.split(".")[0] for file in files]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"retrieval.data: two files share a name ({', '.join(names)}); each file's name is its task")
+    return {name: read[file] for name, file in zip(names, files)}
 
 
 def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
@@ -203,16 +225,15 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ConfigError(f"retrieval.tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
-    if options.items is not None and options.items < 2:
-        raise ConfigError(f"retrieval.items must be at least 2, got {options.items}")
+    if options.items is not None and options.items < 1:
+        raise ConfigError(f"retrieval.items must be at least 1, got {options.items}")
     template = (
         options.prompt_template
         or loaded.run_config.get("data", {}).get("init_args", {}).get("prompt_template")
         or "{prompt}\nAnswer:"
     )
     if options.data:
-        examples = read_lost_in_the_middle(options.data)[: options.examples]
-        by_task = {f"litm_{examples[0].kind}": examples}
+        by_task = file_tasks(options.data, options.examples)
     else:
         by_task = {task: synthetic(task, options.examples, options.items or 10, options.seed) for task in tasks}
     answerer = answerer or (lambda prompts, n: answers(loaded, prompts, n, options.batch_size))
@@ -228,29 +249,32 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
             )
             + 1
         )
-        examples = fitted(loaded, examples, options.items, template, new_tokens, task)
+        examples, skipped = fitted(loaded, examples, options.items, template, new_tokens, task)
         items = len(examples[0].items)
         positions = gold_positions(items, options.positions)
-        prompts = [prompt_ids(loaded, template, e.prompt(p)) for p in positions for e in examples]
-        predictions = answerer(prompts, new_tokens)
-        golds = [e.answers for _ in positions for e in examples]
-        correct = np.array([contains_answer(p, g) for p, g in zip(predictions, golds)], dtype=float).reshape(
-            len(positions), -1
-        )
+        asked = [(p, e) for p in positions for e in examples]  # position-major
+        predictions = answerer([prompt_ids(loaded, template, e.prompt(p)) for p, e in asked], new_tokens)
+        hits = [contains_answer(a, e.answers) for a, (_, e) in zip(predictions, asked)]
+        correct = np.array(hits, dtype=float).reshape(len(positions), -1)
         accuracy[task] = correct.mean(1).tolist()
         details[task] = {
             "items": items,
             "positions": [p + 1 for p in positions],
             "examples_per_position": len(examples),
+            "skipped_too_long": skipped,
             "accuracy": accuracy[task],
+            "answers": [
+                {"position": p + 1, "question": e.question, "gold": e.answers, "answer": a, "correct": hit}
+                for (p, e), a, hit in zip(asked, predictions, hits)
+            ],
         }
         metrics[f"{task}/acc"] = float(correct.mean())
         metrics |= {f"{task}/acc_position_{p + 1}": float(a) for p, a in zip(positions, accuracy[task])}
     metrics = {"acc": float(np.mean([metrics[f"{t}/acc"] for t in by_task])), **metrics}
     table = "\n".join(
-        ["| task | items | accuracy by gold position | mean |", "| --- | --- | --- | --- |"]
+        ["| task | items | examples (skipped: too long) | accuracy by gold position | mean |", "| --- " * 5 + "|"]
         + [
-            f"| {t} | {d['items']} | "
+            f"| {t} | {d['items']} | {d['examples_per_position']} ({d['skipped_too_long']}) | "
             + ", ".join(f"{p}: {a:.2f}" for p, a in zip(d["positions"], d["accuracy"]))
             + f" | {metrics[f'{t}/acc']:.2f} |"
             for t, d in details.items()

@@ -1,17 +1,21 @@
 """Suites by name, and where their results go: metrics.json keys, TensorBoard tags and files.
 
 Used by `python -m experiments.evaluate` and by `EvaluationCallback`, so a finished run and a run
-in training report the same numbers under the same names: metric `m` of suite `s` is the flat key
-and TensorBoard tag `eval/s/m`; figure `f` is `<out>/s_f.png` and the TB image `eval/s/f`; the
-suite's markdown is `<out>/s.md` and its extras `<out>/s.json`; `<out>/report.md` gathers every
-suite evaluated so far.
+in training report the same numbers under the same names. A suite's results form one *group*: `s`
+on the suite's default data, `s@<tag>` when its options choose other data (`data_tag`), so results
+on different data never share a key. Metric `m` of group `g` is the flat key and TensorBoard tag
+`eval/g/m`; figure `f` is `<out>/g_f.png` and the TB image `eval/g/f`; the group's markdown is
+`<out>/g.md` and its extras `<out>/g.json`; `<out>/report.md` gathers every group evaluated so far.
+Saving a group replaces all of its earlier keys in metrics.json (see docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +27,7 @@ import matplotlib.pyplot as plt
 
 from core.errors import ConfigError
 from evaluation.model import LoadedModel
+from evaluation.options import as_names
 from evaluation.result import SuiteResult, update_metrics_json
 
 # suite name -> module of the evaluation package (imported when first used: GLUE pulls in a Trainer)
@@ -34,6 +39,19 @@ SUITES = {
     "glue": "glue",
     "attention": "attention",
 }
+
+
+# Options fields that choose which data a suite scores (not how it scores them); any of them away
+# from its default gives the results a group of their own. Files are told apart by name.
+DATA_FIELDS = {
+    "needle": ("haystack",),
+    "retrieval": ("data",),
+    "blimp": ("paradigms",),
+    "ppl": ("text",),
+    "glue": ("tasks",),
+    "attention": ("text",),
+}
+MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 
 
 def suite_module(name: str) -> ModuleType:
@@ -69,23 +87,51 @@ def options_for(name: str, values: dict[str, Any] | None) -> Any:
     return options_class(**(values or {}))
 
 
+def data_tag(name: str, options: Any) -> str | None:
+    """None on the suite's default data; else a short label of the data: the files' names without
+    suffixes (`nq-open-oracle`), or the chosen names (`wh_island`), joined by `+`."""
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    names = []
+    for key in DATA_FIELDS.get(name, ()):
+        field = fields[key]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        value = getattr(options, key)
+        if value is None or (default is not None and sorted(as_names(value)) == sorted(as_names(default))):
+            continue
+        names += sorted(re.sub(r"[^\w.-]", "_", Path(v).name.split(".")[0]) for v in as_names(value))
+    if not names:
+        return None
+    if len(names) > MAX_TAG_NAMES:
+        digest = hashlib.sha256("+".join(names).encode()).hexdigest()[:6]
+        return f"{names[0]}+{len(names) - 1}more-{digest}"
+    return "+".join(names)
+
+
+def group_name(name: str, options: Any) -> str:
+    tag = data_tag(name, options)
+    return f"{name}@{tag}" if tag else name
+
+
 def run_suites(loaded: LoadedModel, options: dict[str, Any]) -> dict[str, SuiteResult]:
-    """Every suite in `options` (name -> Options), in order, on `loaded`."""
-    return {name: suite_module(name).run(loaded, suite_options) for name, suite_options in options.items()}
+    """Every suite in `options` (name -> Options), in order, on `loaded`; keyed by result group."""
+    return {
+        group_name(name, suite_options): suite_module(name).run(loaded, suite_options)
+        for name, suite_options in options.items()
+    }
 
 
 def flat_metrics(results: dict[str, SuiteResult]) -> dict[str, float]:
     return {
-        f"eval/{suite}/{name}": value for suite, result in results.items() for name, value in result.metrics.items()
+        f"eval/{group}/{name}": value for group, result in results.items() for name, value in result.metrics.items()
     }
 
 
 def save_results(
     results: dict[str, SuiteResult], out_dir: Path, metrics_file: Path | None, writer: Any = None, step: int = 0
 ) -> Path:
-    """Write figures, tables and extras under `out_dir`, merge the metrics into `metrics_file`
-    (keeping every other key), and log scalars and images to a TensorBoard `writer` when given.
-    Returns the report's path."""
+    """Write figures, tables and extras under `out_dir`, put the metrics into `metrics_file` (each
+    group's earlier keys replaced, every other key kept), and log scalars and images to a
+    TensorBoard `writer` when given. Returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for suite, result in results.items():
         for name, figure in result.figures.items():
@@ -104,15 +150,18 @@ def save_results(
             writer.add_scalar(tag, value, step)
         writer.flush()
     if metrics_file is not None:
-        update_metrics_json(metrics_file, metrics)
+        update_metrics_json(metrics_file, metrics, replace=[f"eval/{group}/" for group in results])
     report = out_dir / "report.md"
     report.write_text(report_text(out_dir))
     return report
 
 
 def report_text(out_dir: Path) -> str:
-    """Every suite evaluated into `out_dir` so far: a headline table, then each suite's section."""
-    done = [suite for suite in SUITES if (out_dir / f"{suite}.md").is_file()]
+    """Every group evaluated into `out_dir` so far: a headline table, then each group's section."""
+    groups = {p.stem for p in out_dir.glob("*.md")} - {"report"}
+    done = sorted(
+        groups, key=lambda g: (list(SUITES).index(g.split("@")[0]) if g.split("@")[0] in SUITES else len(SUITES), g)
+    )
     headline = [
         (suite, *next(iter(json.loads((out_dir / f"{suite}.json").read_text())["metrics"].items()))) for suite in done
     ]

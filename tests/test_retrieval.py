@@ -109,3 +109,59 @@ def test_bad_files_are_named(tmp_path, causal):
         retrieval.read_lost_in_the_middle(str(tmp_path / "kv.jsonl"))
     with pytest.raises(ConfigError, match="unknown nope"):
         retrieval.run(causal, retrieval.Options(tasks=["nope"]))
+
+
+def qa_record(question: str, answer: str, documents: list[str], gold: int) -> dict:
+    ctxs = [{"title": f"T{i}", "text": text, "isgold": i == gold} for i, text in enumerate(documents)]
+    return {"question": question, "answers": [answer], "ctxs": ctxs}
+
+
+def write_jsonl(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_an_oracle_file_with_one_document_per_example_runs(tmp_path, causal):
+    """lost-in-the-middle's oracle files hold only the gold document: one item, one position."""
+    oracle_file = write_jsonl(
+        tmp_path / "nq-open-oracle.jsonl",
+        [
+            qa_record("who wrote it?", "Ann Lee", ["Ann Lee wrote it."], 0),
+            qa_record("who sang?", "Bo", ["Bo sang."], 0),
+        ],
+    )
+    result = retrieval.run(causal, retrieval.Options(data=str(oracle_file)), answerer=lambda p, n: ["Ann Lee", "x"])
+    details = result.details["litm_qa"]
+    assert details["items"] == 1 and details["positions"] == [1] and details["skipped_too_long"] == 0
+    assert result.metrics == {"acc": 0.5, "litm_qa/acc": 0.5, "litm_qa/acc_position_1": 0.5}
+    assert details["answers"] == [
+        {"position": 1, "question": "who wrote it", "gold": ["Ann Lee"], "answer": "Ann Lee", "correct": True},
+        {"position": 1, "question": "who sang", "gold": ["Bo"], "answer": "x", "correct": False},
+    ]
+
+
+def test_examples_too_long_for_the_context_are_skipped_and_counted(tmp_path, causal):
+    short = [qa_record(f"q{i}?", "Ann", ["Ann wrote it.", "Bob read."], 0) for i in range(3)]
+    long = qa_record("q?", "Ann", ["Ann wrote it.", "word " * 400], 0)  # 400+ tokens: past the 256 context
+    path = write_jsonl(tmp_path / "mixed.jsonl", [*short, long])
+    result = retrieval.run(
+        causal, retrieval.Options(data=str(path), positions=None), answerer=lambda p, n: ["Ann"] * len(p)
+    )
+    details = result.details["litm_qa"]
+    assert (details["items"], details["examples_per_position"], details["skipped_too_long"]) == (2, 3, 1)
+    assert len(details["answers"]) == 2 * 3 and result.metrics["acc"] == 1.0
+    with pytest.raises(ConfigError, match=r"^retrieval.items=2: no litm_qa prompt of 2 items fits .* 256 tokens"):
+        retrieval.run(causal, retrieval.Options(data=str(write_jsonl(tmp_path / "long.jsonl", [long])), items=2))
+    with pytest.raises(DataError, match="no litm_qa example fits the model's context of 256 tokens, even with 1"):
+        too_long = qa_record("q?", "Ann", ["word " * 400], 0)
+        retrieval.run(causal, retrieval.Options(data=str(write_jsonl(tmp_path / "one.jsonl", [too_long]))))
+
+
+def test_several_files_are_tasks_named_by_file(tmp_path, causal):
+    first = write_jsonl(tmp_path / "gold_at_0.jsonl", [qa_record("q?", "Ann", ["Ann wrote it.", "Bob read."], 0)])
+    second = tmp_path / "gold_at_1.jsonl.gz"
+    with gzip.open(second, "wt") as f:
+        f.write(json.dumps(qa_record("q?", "Cy", ["Bob read.", "Cy wrote it."], 1)) + "\n")
+    result = retrieval.run(causal, retrieval.Options(data=f"{first},{second}"), answerer=lambda p, n: ["Ann"] * len(p))
+    assert set(result.details) == {"gold_at_0", "gold_at_1"}
+    assert (result.metrics["gold_at_0/acc"], result.metrics["gold_at_1/acc"], result.metrics["acc"]) == (1.0, 0.0, 0.5)
