@@ -52,6 +52,16 @@ class TokenStats:
     entropy: Tensor | None  # [B, L'] float32 predictive entropy at labelled positions (0 elsewhere), when asked for
 
 
+@dataclass
+class HeadLoss:
+    """The output head's results at the N labelled positions of a batch."""
+
+    loss: Tensor  # [N] cross-entropy
+    predicted: Tensor  # [N] argmax token
+    logits: Tensor | None  # [N, V]; None when a fused kernel never materialises them
+    log_probs: Tensor | None  # [N, V] float32 log-softmax, when computed
+
+
 def predictive_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats) of the softmax over the last dimension."""
     log_p = torch.log_softmax(logits.float(), dim=-1)
@@ -172,25 +182,33 @@ class LanguageModelModule(L.LightningModule):
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, L, H]
         hidden, labels, inputs = self.align(hidden, batch["labels"], batch["input_ids"])
         labelled = labels != IGNORE_INDEX  # [B, L']
-        logits = self.output_logits(hidden[labelled])  # [N, V]
         targets = labels[labelled]  # [N]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, V], shared by the loss and the entropy
-        selected_loss = -log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [N]
-        loss = selected_loss.sum() / labelled.sum().clamp_min(1)
+        head = self.head_loss(hidden, labels, labelled)
+        loss = head.loss.sum() / labelled.sum().clamp_min(1)
         if self.training:
-            for name, term in self.auxiliary_losses(batch, logits, labels).items():
+            for name, term in self.auxiliary_losses(batch, head.logits, labels).items():
                 loss = loss + term
                 if self._trainer is not None:
                     self.log(f"train/{name}", term)
         with torch.no_grad():
+            log_probs = head.log_probs
             stats = TokenStats(
                 labels=labels,
                 inputs=inputs,
-                loss=_scatter(selected_loss.detach(), labelled),
-                correct=_scatter(logits.argmax(-1) == targets, labelled),
+                loss=_scatter(head.loss.detach().float(), labelled),
+                correct=_scatter(head.predicted == targets, labelled),
                 entropy=_scatter(-(log_probs.exp() * log_probs).sum(-1), labelled) if self.collect_entropy else None,
             )
         return loss, stats
+
+    def head_loss(self, hidden: Tensor, labels: Tensor, labelled: Tensor) -> HeadLoss:
+        """The output head and cross-entropy on the labelled positions of `hidden` [B, L', H]
+        (`labels` [B, L'], `labelled` = labels != -100). Subclasses may swap in fused kernels
+        when nothing needs the logits (`collect_entropy` off, no auxiliary loss)."""
+        logits = self.output_logits(hidden[labelled])  # [N, V]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, V], shared by the loss and the entropy
+        selected_loss = -log_probs.gather(-1, labels[labelled][:, None]).squeeze(-1)  # [N]
+        return HeadLoss(selected_loss, logits.argmax(-1), logits, log_probs)
 
     def auxiliary_losses(self, batch: dict[str, Tensor], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Terms added to the training loss (e.g. distillation); none by default. `logits` [N, V]

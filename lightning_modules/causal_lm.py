@@ -7,8 +7,14 @@ from pathlib import Path
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from core.errors import ConfigError
-from lightning_modules.base import LanguageModelModule, OptimizerConfig
+from core.errors import ConfigError, raise_if_any
+from lightning_modules.base import HeadLoss, LanguageModelModule, OptimizerConfig
+from lightning_modules.fused_loss import (
+    apply_liger_to_llama,
+    compiled_dense_head_loss,
+    liger_errors,
+    liger_head_loss,
+)
 
 # config fields a pre-trained model must share with the configured one, and their config keys
 SHAPE_KEYS = {
@@ -48,6 +54,11 @@ class CausalLMModule(LanguageModelModule):
         init_from: start from these weights (fine-tuning): a masklab run dir (its `hf_model/`) or
             a local transformers causal-LM folder. The model is built from this config first, so
             its shape keys must match the saved model's; its vocabulary must be the data's.
+        liger_kernel: Liger Kernel's Triton RMSNorm, SwiGLU and RoPE in the body and its fused
+            linear cross-entropy (no [N, V] logits in memory); CUDA and `pip install -e ".[gpu]"`
+            (lightning_modules/fused_loss.py).
+        compile_loss: torch.compile the output head and the loss, run over every position
+            (static shapes); an alternative to `liger_kernel` for the loss.
     """
 
     objective = "causal"
@@ -71,7 +82,13 @@ class CausalLMModule(LanguageModelModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
+        liger_kernel: bool = False,
+        compile_loss: bool = False,
     ) -> None:
+        errors = liger_errors() if liger_kernel else []
+        if liger_kernel and compile_loss:
+            errors.append("model.liger_kernel and model.compile_loss are two ways to compute the loss: choose one")
+        raise_if_any(errors)
         model_args = dict(
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
@@ -94,6 +111,9 @@ class CausalLMModule(LanguageModelModule):
         )
         if init_from is not None:
             self.model.load_state_dict(load_pretrained(init_from, self.model, vocab.get("tokens")).state_dict())
+        self.liger_kernel, self.compile_loss = liger_kernel, compile_loss
+        if liger_kernel:
+            apply_liger_to_llama(self.model)
         self.save_hyperparameters(ignore=["vocab"])
 
     @classmethod
@@ -103,6 +123,19 @@ class CausalLMModule(LanguageModelModule):
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)
+
+    def head_loss(self, hidden: Tensor, labels: Tensor, labelled: Tensor) -> HeadLoss:
+        """Liger's fused linear cross-entropy or the compiled dense loss when configured and
+        nothing asks for the logits' entropy; the default path otherwise."""
+        if self.collect_entropy or not (self.liger_kernel or self.compile_loss):
+            return super().head_loss(hidden, labels, labelled)
+        weight = self.model.lm_head.weight
+        if self.liger_kernel:
+            loss, predicted = liger_head_loss(weight, hidden[labelled], labels[labelled])
+        else:
+            loss, predicted = compiled_dense_head_loss(weight, hidden, labels)
+            loss, predicted = loss[labelled.flatten()], predicted[labelled.flatten()]
+        return HeadLoss(loss, predicted, None, None)
 
     def align(self, logits: Tensor, *per_position: Tensor) -> tuple[Tensor, ...]:
         # position t predicts token t+1: drop the last logit (or hidden state) and the first label / input

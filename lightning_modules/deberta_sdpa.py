@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention, scaled_size_sqrt
 
@@ -70,7 +69,3 @@ def use_sdpa_attention(model: PreTrainedModel) -> int:
             module.__class__ = SdpaDisentangledSelfAttention
             swapped += 1
     return swapped
-
-
-def is_sdpa(module: nn.Module) -> bool:
-    return any(isinstance(m, SdpaDisentangledSelfAttention) for m in module.modules())

@@ -1,6 +1,8 @@
 """The GPU path (issue 14) on a CPU: bf16 with a fused optimiser and clipping, the peak FLOP/s
 table, the speed keys' validation. Tests that need CUDA are skipped without it."""
 
+import importlib.util
+import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ from transformers import AutoModelForMaskedLM
 
 from callbacks import TokenThroughputMonitor
 from callbacks.peak_flops import gpu_peak, peak_flops
+from core.errors import ConfigError
 from experiments.run import main
 from lightning_modules import CausalLMModule, MaskedLMModule
 from lightning_modules.deberta_sdpa import SdpaDisentangledSelfAttention
@@ -224,3 +227,57 @@ def test_deberta_sdpa_exports_a_plain_eager_deberta(tmp_path):
         torch.testing.assert_close(
             reloaded(input_ids=ids, attention_mask=mask).logits, module(ids, mask), atol=1e-4, rtol=0
         )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a GPU")
+def test_liger_kernel_without_a_gpu_is_one_line(tiny_args, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--config", "experiments/configs/meap.yaml", *tiny_args, "--model.init_args.liger_kernel", "true"])
+    err = capsys.readouterr().err
+    assert "error: model.liger_kernel=true needs a CUDA GPU (Liger Kernel is Triton code); this machine has none" in err
+    assert "Traceback" not in err and not list((tmp_path / "runs").glob("*/version_*"))
+
+
+def test_liger_and_compiled_loss_together_are_refused():
+    with pytest.raises(ConfigError, match="model.liger_kernel and model.compile_loss are two ways"):
+        CausalLMModule(**MODULE, liger_kernel=True, compile_loss=True)
+
+
+def loss_and_grads(module, batch) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    loss, stats = module.step(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters()], stats.correct
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_compiled_dense_loss_gives_the_default_loss_accuracy_and_gradients():
+    torch.manual_seed(0)
+    plain = CausalLMModule(**MODULE)
+    compiled = CausalLMModule(**MODULE, compile_loss=True)
+    compiled.load_state_dict(plain.state_dict())
+    ids, mask = toy_batch()  # padded first row: labels -100 there
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    want, got = loss_and_grads(plain, batch), loss_and_grads(compiled, batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], want[2])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="Liger Kernel needs a CUDA GPU and the liger-kernel package",
+)
+def test_liger_kernel_gives_the_default_loss_accuracy_and_gradients_on_a_gpu():
+    torch.manual_seed(0)
+    plain = CausalLMModule(**MODULE).cuda()
+    liger = CausalLMModule(**MODULE, liger_kernel=True).cuda()
+    liger.load_state_dict(plain.state_dict())
+    ids, mask = toy_batch()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    batch = {k: v.cuda() for k, v in batch.items()}
+    want, got = loss_and_grads(plain, batch), loss_and_grads(liger, batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[2], want[2])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
