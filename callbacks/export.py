@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from datamodules.tokenizer import framed_like_training
 from evaluation.result import update_metrics_json
 
 
@@ -32,5 +33,5 @@ class ExportCallback(L.Callback):
             return
         export_dir = run_dir / "hf_model"
         pl_module.export_model().save_pretrained(export_dir)
-        trainer.datamodule.tokenizer.save_pretrained(export_dir)
+        framed_like_training(trainer.datamodule.tokenizer, pl_module.objective).save_pretrained(export_dir)
         update_metrics_json(run_dir / "metrics.json", scalar_metrics(trainer.callback_metrics))

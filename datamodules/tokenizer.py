@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -9,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from core.errors import DataError
@@ -55,6 +56,28 @@ def cached_bpe(cache_dir: Path, key: str, texts: Iterable[str], vocab_size: int)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return AutoTokenizer.from_pretrained(target)
+
+
+def framed_like_training(tokenizer: PreTrainedTokenizerBase, objective: str) -> PreTrainedTokenizerBase:
+    """A copy whose default framing (`add_special_tokens=True`) is the one documents had in training,
+    so `AutoTokenizer.from_pretrained(hf_model)("text")` feeds the model what it learned from:
+    `<s> text` for a decoder (an open document it continues), `<s> text </s>` for an encoder; a pair
+    as two packed documents. Training packs `<s> doc </s>` with `add_special_tokens=False`, which
+    this does not change. A tokenizer without a `tokenizers` backend is returned as it is."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return tokenizer
+    vocab = vocab_of(tokenizer)
+    bos, eos = tokenizer.convert_ids_to_tokens([vocab.bos_id, vocab.eos_id])
+    single, pair = (
+        (f"{bos} $A {eos}", f"{bos} $A {eos} {bos} $B:1 {eos}:1")
+        if objective == "mlm"
+        else (f"{bos} $A", f"{bos} $A {eos} {bos} $B:1")
+    )
+    framed = copy.deepcopy(tokenizer)
+    framed.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(bos, vocab.bos_id), (eos, vocab.eos_id)]
+    )
+    return framed
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

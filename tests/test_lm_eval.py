@@ -66,14 +66,15 @@ def reference_loglikelihood(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> float:
     """log p(continuation | context) straight from transformers: the sum of the log-softmax of the
-    continuation's tokens. An empty context is a lone BOS, as in masklab's packed training blocks."""
+    continuation's tokens. The exported tokenizer puts BOS before a context, as masklab's packed training
+    blocks start every document; an empty context is a lone BOS."""
     if context:
         prefix = tokenizer(context).input_ids
         ids = tokenizer(context + continuation).input_ids
         assert ids[: len(prefix)] == prefix, "the context's tokens change when the continuation follows"
     else:
         prefix = [tokenizer.bos_token_id]
-        ids = prefix + tokenizer(continuation).input_ids
+        ids = prefix + tokenizer(continuation, add_special_tokens=False).input_ids
     tokens = torch.tensor(ids)
     with torch.no_grad():
         logp = model(tokens[None]).logits[0].double().log_softmax(-1)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from experiments.run import main
 
 CONFIGS = sorted(Path("experiments/configs").glob("*.yaml"))
-REQUIRED_TAGS = {"train/loss", "val/loss", "val/ppl", "mask/ratio", "perf/tokens_per_sec"}
+REQUIRED_TAGS = {"train/loss", "val/loss", "val/ppl", "mask/share", "perf/tokens_per_sec"}
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -59,6 +59,7 @@ def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
     assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
     logged = scalars(run_dir)
     assert set(logged) >= REQUIRED_TAGS
+    assert ("mask/ratio" in logged) == (config != "ntp")  # NoMask has no ratio to log
     losses = list(logged["train/loss"].values())
     assert losses[-1] < losses[0]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["block_size"] == 32
@@ -67,6 +68,7 @@ def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
     model = auto_class.from_pretrained(run_dir / "hf_model", local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf_model", local_files_only=True)
     ids = tokenizer("The code of Velora is 4812.", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tokenizer.bos_token_id  # framed as training framed every document
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, cli.model.eval()(ids))
 
