@@ -44,7 +44,7 @@ def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimat
     if n == 1:
         return Estimate(1, mean, math.nan, math.nan, math.nan)
     sd = math.sqrt(sum((v - mean) ** 2 for v in kept) / (n - 1))
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return Estimate(n, mean, sd, mean - half, mean + half)
 
 

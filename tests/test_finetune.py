@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from core.errors import ConfigError, DataError
 from datamodules.finetune import FineTuneDataModule, encode
 from datamodules.policies.finetune import MEAPSFT
-from experiments import study
 from experiments.run import main
 from lightning_modules import CausalLMModule
 from tests.conftest import BOS, EOS, make_vocab
@@ -67,7 +66,7 @@ def datamodule(tmp_path, records, **kwargs):
         cache_dir=str(tmp_path / "cache"),
         **kwargs,
     )
-    dm.__dict__["tokenizer"], dm.__dict__["vocab"] = DigitTokenizer(), make_vocab()
+    dm.tokenizer_source.__dict__["tokenizer"], dm.tokenizer_source.__dict__["vocab"] = DigitTokenizer(), make_vocab()
     return dm
 
 
@@ -107,7 +106,7 @@ def test_bad_config_values_are_named(tiny_args, capsys, tmp_path):
                 "--config",
                 "experiments/configs/sft_meap.yaml",
                 *tiny_args,
-                "--data.masking.init_args.ratio",
+                "--data.mask_ratio",
                 "1.5",
                 "--data.truncation",
                 "middle",
@@ -115,7 +114,7 @@ def test_bad_config_values_are_named(tiny_args, capsys, tmp_path):
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "data.masking.init_args.ratio must be in [0, 1], got 1.5" in err and "data.truncation must be one of" in err
+    assert "data.mask_ratio must be in [0, 1], got 1.5" in err and "data.truncation must be one of" in err
     assert not list((tmp_path / "runs").glob("*/version_*"))
 
 
@@ -147,11 +146,12 @@ def test_tiny_fine_tune_of_a_tiny_pretrained_run(config, pretrained, tiny_args, 
             "1024",
             "--model.init_args.init_from",
             str(pretrained),
-            "--data.init_args.tokenizer_path",
-            str(pretrained),
         ]
     )
     run_dir = tmp_path / "runs" / config / "version_0"
+    # no tokenizer_path given: the pre-trained run's tokenizer is the default, recorded in the config
+    saved_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved_config["data"]["init_args"]["tokenizer_path"] == str(pretrained / "hf_model")
     assert (run_dir / "hf_model" / "model.safetensors").exists()
     assert json.loads((run_dir / "metrics.json").read_text())["val/loss"] > 0
     share = max(scalars(run_dir)["mask/share"].values())
@@ -171,26 +171,3 @@ def test_tiny_fine_tune_of_a_tiny_pretrained_run(config, pretrained, tiny_args, 
     saved = AutoModelForCausalLM.from_pretrained(pretrained / "hf_model", local_files_only=True)
     for name, tensor in saved.state_dict().items():
         torch.testing.assert_close(start.model.state_dict()[name], tensor)
-
-
-def test_the_study_runs_at_tiny_scale(tmp_path):
-    shipped = yaml.safe_load(open("experiments/configs/studies/meap_sft.yaml"))
-    assert set(shipped["pretrain"]["configs"]) == {"ntp", "meap"} and set(shipped["finetune"]["configs"]) == {
-        "plain",
-        "meap",
-    }
-    from tests.conftest import TINY
-
-    tiny = {
-        **shipped,
-        "runs_dir": str(tmp_path / "runs"),
-        "shared_args": [*TINY, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2"],
-        "finetune": {**shipped["finetune"], "args": ["--data.block_size", "256"]},
-        "pretrain": {**shipped["pretrain"], "args": []},
-        "eval": {"examples": 8, "bins": 2},
-    }
-    results = study.study(tiny)
-    assert set(results) == {"ntp+sft_plain", "ntp+sft_meap", "meap+sft_plain", "meap+sft_meap"}
-    assert all(r["examples"] == 8 and len(r["by_position"]) == 2 for r in results.values())
-    assert json.loads((tmp_path / "runs" / "study.json").read_text()) == results
-    assert study.table(results).count("\n") == 5

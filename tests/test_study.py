@@ -1,0 +1,266 @@
+"""The study driver: bad input, the report on hand-made metrics, resume, a failing arm, --dry-run,
+and one tiny 2-arm x 2-seed study end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from core.errors import ConfigError
+from experiments import study as driver
+from experiments.study import ArmPlan, Driver, Outcome, main
+from experiments.study_config import load_study
+from experiments.study_report import write_report
+from tests.conftest import TINY
+
+NTP, MEAP = "experiments/configs/ntp.yaml", "experiments/configs/meap.yaml"
+
+
+def write_study(folder: Path, **overrides) -> str:
+    study = {
+        "name": "tiny",
+        "question": "Does MEAP beat NTP?",
+        "baseline": "ntp",
+        "seeds": 2,
+        "args": [*TINY, "--trainer.callbacks", None, "--data.cache_dir", str(folder / "cache")],
+        "arms": {"ntp": {"config": NTP}, "meap": {"config": MEAP}},
+        "metrics": {"val/loss": "lower", "val/acc": "higher"},
+        **overrides,
+    }
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, argv, message",
+    [
+        (
+            {"arms": {"ntp": {"config": "experiments/configs/nope.yaml"}}},
+            [],
+            "arms.ntp.config: 'experiments/configs/nope.yaml' is not a file",
+        ),
+        ({"metrics": {"val_loss": "lower"}}, [], "metrics: unknown metric 'val_loss'"),
+        ({"metrics": {"eval/bleu/acc": "higher"}}, [], "metrics: unknown metric 'eval/bleu/acc'"),
+        (
+            {"metrics": {"eval/needle/acc": "higher"}, "evaluate": {"suites": ["retrieval"]}},
+            [],
+            "'eval/needle/acc': no chosen suite produces it",
+        ),
+        ({"seeds": 0}, [], "seeds must be at least 1, got 0"),
+        ({}, ["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (
+            {"arms": {"ntp": {"config": NTP}, "meap": {"config": MEAP, "args": ["--trainer.max_steps", 8]}}},
+            [],
+            "the compared arms train different numbers of tokens (ntp=512, meap=1,024)",
+        ),
+    ],
+    ids=[
+        "missing config",
+        "unknown metric",
+        "unknown suite",
+        "metric of no chosen suite",
+        "seeds 0",
+        "--seeds 0",
+        "unequal budgets",
+    ],
+)
+def test_bad_input_is_one_line_before_anything_trains(tmp_path, capsys, monkeypatch, overrides, argv, message):
+    monkeypatch.setattr(driver, "launch", lambda *a: pytest.fail("a run was started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", write_study(tmp_path, **overrides), "--studies_dir", str(tmp_path / "studies"), *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
+    assert not (tmp_path / "studies").exists()
+
+
+def test_unequal_budgets_pass_when_allowed_and_a_budget_sets_the_steps(tmp_path):
+    arms = {"ntp": {"config": NTP}, "meap": {"config": MEAP, "args": ["--data.batch_size", 8]}}
+    allowed = load_study(write_study(tmp_path, arms=arms, allow_unequal_budgets=True))
+    plans = driver.plan(allowed, 1e9)
+    assert (plans["ntp"].tokens, plans["meap"].tokens) == (4 * 4 * 32, 4 * 8 * 32)  # TINY: 4 steps, blocks of 32
+    budget = load_study(write_study(tmp_path, arms=arms, budget_tokens=1000))
+    plans = driver.plan(budget, 1e9)
+    # 4 x 32 = 128 tokens a step -> ceil(1000 / 128) = 8 steps; 8 x 32 = 256 -> 4 steps
+    assert (plans["ntp"].max_steps, plans["meap"].max_steps) == (8, 4)
+
+
+def test_a_broken_study_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"arms.sft.init_from: 'pre' is not an arm"):
+        load_study(write_study(tmp_path, arms={"ntp": {"config": NTP}, "sft": {"config": NTP, "init_from": "pre"}}))
+    with pytest.raises(ConfigError, match=r"baseline: 'gpt' is not a compared arm"):
+        load_study(write_study(tmp_path, baseline="gpt"))
+    with pytest.raises(ConfigError, match=r"--size 'tpu' is not a size of this study"):
+        load_study(write_study(tmp_path), size="tpu")
+
+
+def test_a_size_replaces_top_level_keys_and_appends_args(tmp_path):
+    path = write_study(tmp_path, sizes={"gpu": {"seeds": [3, 5], "args": ["--trainer.precision", "bf16-mixed"]}})
+    gpu = load_study(path, size="gpu")
+    assert gpu.seeds == (3, 5) and gpu.args[-2:] == ("--trainer.precision", "bf16-mixed")
+    assert load_study(path).seeds == (0, 1) and load_study(path, seeds=4).seeds == (0, 1, 2, 3)
+
+
+def fake_run(folder: Path, arm: str, seed: int, metrics: dict) -> Outcome:
+    run = folder / "runs" / arm / f"seed_{seed}" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return Outcome(arm, seed, "ok", str(run), train_s=10.0, eval_s=2.0, tokens=512)
+
+
+def test_report_on_hand_made_metrics(tmp_path):
+    study = load_study(
+        write_study(
+            tmp_path,
+            seeds=3,
+            evaluate={"suites": ["retrieval"]},
+            metrics={"eval/retrieval/acc": "higher", "val/loss": "lower"},
+        )
+    )
+    # ntp 1, 2, 3 and meap 2.0, 3.1, 4.2: paired differences 1.0, 1.1, 1.2 (worked out in test_stats)
+    outcomes = [
+        fake_run(
+            tmp_path, arm, seed, {"eval/retrieval/acc": acc, "val/loss": acc, "eval/retrieval/kv/acc_position_1": 0.5}
+        )
+        for arm, values in (("ntp", [1.0, 2.0, 3.0]), ("meap", [2.0, 3.1, 4.2]))
+        for seed, acc in enumerate(values)
+    ]
+    outcomes.append(Outcome("meap", 3, "failed", error="training: error: data: boom"))
+    report = write_report(
+        study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "python -m experiments.study ..."
+    ).read_text()
+    acc, loss = report.split("## eval/retrieval/acc (higher is better)")[1].split("## val/loss (lower is better)")
+    # meap: mean 3.1, sd 1.1, half-width 4.303 * 1.1 / sqrt(3) = 2.733; ntp: mean 2, sd 1, half-width 2.484
+    assert "| ntp (baseline) | 3 | 2 ± 2.48 | [-0.4841, 4.484] | – | – | – |" in acc
+    assert "| meap | 3 | 3.1 ± 2.73 | [0.3674, 5.833] | +1.1 [+0.8516, +1.348] | 3 | better |" in acc
+    assert "| +1.1 [+0.8516, +1.348] | 3 | worse |" in loss  # the same numbers, where lower is better
+    assert "| meap | 3 | training: error: data: boom |" in report
+    assert "one seed sets the model initialisation, the data order and the masks together" in report.lower()
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["arm"], r["seed"], r["status"]) for r in rows][-2:] == [("meap", "2", "ok"), ("meap", "3", "failed")]
+    assert rows[4]["eval/retrieval/acc"] == "3.1" and rows[0]["tokens_seen"] == "512"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "learning_curves.png",
+        "metrics.png",
+        "retrieval_by_position.png",
+    ]
+
+
+def fake_plans(study) -> dict[str, ArmPlan]:
+    return {name: ArmPlan(128, 4, 512, 1.0, {}) for name in study.arms}
+
+
+def fake_launch(calls: list, broken: str = "-"):
+    """Stands in for a training / evaluation process: a finished run dir, or `error: boom` for `broken`."""
+
+    def launch(command: list[str], log: Path, threads: int) -> int:
+        calls.append(command)
+        if "experiments.evaluate" in command[2]:
+            return 0
+        experiment = Path(command[command.index("--runs_dir") + 1]) / command[command.index("--experiment") + 1]
+        if experiment.parent.name == broken:
+            log.write_text("error: boom\n")
+            return 2
+        run = experiment / "version_0"
+        (run / "hf_model").mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(json.dumps({"val/loss": 1.0}))
+        return 0
+
+    return launch
+
+
+def test_a_failing_arm_is_reported_and_the_others_finish(tmp_path, monkeypatch):
+    arms = {"ntp": {"config": NTP}, "meap": {"config": MEAP}, "sft": {"config": NTP, "init_from": "meap"}}
+    study = load_study(write_study(tmp_path, arms=arms))
+    calls: list = []
+    monkeypatch.setattr(driver, "launch", fake_launch(calls, broken="meap"))
+    outcomes = Driver(study, fake_plans(study), tmp_path, parallel=1).run_all()
+    status = {(o.arm, o.seed): (o.status, o.error) for o in outcomes}
+    assert status["ntp", 0] == status["ntp", 1] == ("ok", None)
+    assert status["meap", 1][0] == "failed" and status["meap", 1][1].startswith("training: error: boom (log: ")
+    assert status["sft", 0] == ("failed", "the run it starts from (meap seed 0) failed")
+    assert len(calls) == 4  # ntp x 2, meap x 2; sft never started
+
+
+def test_resume_skips_finished_runs_and_continues_an_interrupted_one(tmp_path, monkeypatch):
+    arms = {"ntp": {"config": NTP}, "sft": {"config": NTP, "init_from": "ntp"}}
+    study = load_study(write_study(tmp_path, arms=arms))
+    calls: list = []
+    monkeypatch.setattr(driver, "launch", fake_launch(calls))
+    Driver(study, fake_plans(study), tmp_path, parallel=2).run_all()
+    assert len(calls) == 4
+    # seed 1 of sft was interrupted: no outcome, a checkpoint but no exported model
+    experiment = tmp_path / "runs" / "sft" / "seed_1"
+    (experiment / "outcome.json").unlink()
+    (experiment / "version_0" / "hf_model").rmdir()
+    (experiment / "version_0" / "checkpoints").mkdir()
+    (experiment / "version_0" / "checkpoints" / "last.ckpt").write_text("")
+    calls.clear()
+    outcomes = Driver(study, fake_plans(study), tmp_path, parallel=1).run_all()
+    assert all(o.status == "ok" for o in outcomes)
+    assert len(calls) == 1 and calls[0][calls[0].index("--experiment") + 1] == "sft/seed_1"
+    assert calls[0][-2:] == ["--ckpt_path", "last"]
+    parent = str(tmp_path / "runs" / "ntp" / "seed_1" / "version_0")
+    assert calls[0][calls[0].index("--model.init_args.init_from") + 1] == parent
+
+
+def test_evaluation_draws_with_the_run_seed_and_the_study_args_come_last(tmp_path):
+    study = load_study(
+        write_study(tmp_path, evaluate={"suites": ["retrieval", "ppl"], "args": ["--retrieval.items", 4]})
+    )
+    command = Driver(study, fake_plans(study), tmp_path, 1).evaluate_command(Path("RUN"), 7)
+    assert command[2:] == [
+        "experiments.evaluate",
+        "--run",
+        "RUN",
+        "--suites",
+        "retrieval,ppl",
+        "--retrieval.seed",
+        "7",
+        "--ppl.seed",
+        "7",
+        "--retrieval.items",
+        "4",
+    ]
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(driver, "launch", lambda *a: pytest.fail("a run was started"))
+    assert main(["--config", write_study(tmp_path), "--dry-run", "--studies_dir", str(tmp_path / "studies")]) is None
+    out = capsys.readouterr().out
+    assert "2 arms x 2 seeds [0, 1] = 4 runs" in out
+    assert "| ntp | experiments/configs/ntp.yaml | - | 128 | 4 | 512 |" in out
+    assert not (tmp_path / "studies").exists()
+
+
+def test_tiny_study_end_to_end_then_resumed(tmp_path, capsys):
+    """2 arms x 2 seeds of real runs, two at a time; then --resume finds every run finished."""
+    config = write_study(tmp_path)
+    folder = main(["--config", config, "--parallel", "2", "--studies_dir", str(tmp_path / "studies")])
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert sorted((r["arm"], r["seed"], r["status"]) for r in rows) == [
+        ("meap", "0", "ok"),
+        ("meap", "1", "ok"),
+        ("ntp", "0", "ok"),
+        ("ntp", "1", "ok"),
+    ]
+    assert all(float(r["val/loss"]) > 0 and r["tokens_seen"] == "512" for r in rows)
+    report = (folder / "report.md").read_text()
+    assert re.search(r"\| meap \| 2 \| .* \| 2 \| (better|worse|no difference detected at n=2) \|", report)
+    assert {p.name for p in (folder / "plots").iterdir()} == {"learning_curves.png", "metrics.png"}
+    assert sorted(p.name for p in (folder / "configs").iterdir()) == ["meap.yaml", "ntp.yaml", "study.yaml"]
+    hparams = EventAccumulator(str(folder / "runs" / "meap" / "seed_1" / "version_0" / "hparams"))
+    hparams.Reload()
+    session = hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"meap" in session and b"MEAPInputMask" in session  # the arm, and the config key that differs
+    capsys.readouterr()
+    assert main(["--config", config, "--resume", "--studies_dir", str(tmp_path / "studies")]) == folder
+    assert capsys.readouterr().out.count("finished before, skipped") == 4
+    assert [p.name for p in (folder / "runs" / "ntp" / "seed_0").glob("version_*")] == ["version_0"]
