@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -78,6 +79,18 @@ def framed_like_training(tokenizer: PreTrainedTokenizerBase, objective: str) -> 
         single=single, pair=pair, special_tokens=[(bos, vocab.bos_id), (eos, vocab.eos_id)]
     )
     return framed
+
+
+def default_to_init_tokenizer(data_args: Any, model_args: Any) -> None:
+    """With `model.init_args.init_from` (fine-tuning a pre-trained run) and no
+    `data.init_args.tokenizer_path`, the data takes the run's own tokenizer: the one its weights
+    were trained with (a BPE trained on the new text would not match them). Set in the config, so
+    the run's config.yaml records it."""
+    init_from = model_args.get("init_from") if model_args is not None else None
+    if not init_from or data_args is None or "tokenizer_path" not in data_args or data_args["tokenizer_path"]:
+        return
+    exported = Path(init_from) / "hf_model"
+    data_args["tokenizer_path"] = str(exported if exported.is_dir() else init_from)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
