@@ -5,9 +5,11 @@
 
 `--run` is a masklab run dir (its `hf_model/` is evaluated) or any local transformers model folder.
 Every suite's options are keys `--<suite>.<option>` (see `--help`), or a YAML file given with
-`--config`. Results are merged into the run's `metrics.json` as `eval/<suite>/<metric>` (other
-keys are kept), logged to TensorBoard in the run dir under the same tags, and written with their
-plots and a markdown report to `<run>/eval/`.
+`--config`. Results go into the run's `metrics.json` as `eval/<suite>/<metric>`, or
+`eval/<suite>@<data>/<metric>` when an option chooses other data than the suite's default; a re-run
+replaces its own keys and keeps every other (docs/evaluation.md, "metrics.json keys"). They are
+logged to TensorBoard in the run dir under the same tags, and written with their plots and a
+markdown report to `<run>/eval/`.
 """
 
 from __future__ import annotations
