@@ -191,6 +191,8 @@ def build(args: argparse.Namespace, shape: Shape) -> tuple[LanguageModelModule, 
             **common,
         )
         policy = MEAPInputMask() if args.objective == "meap" else NoMask()
+    if policy.uses_ratio:
+        policy.ratio = policy.default_ratio  # what data.mask_ratio defaults to
     return module, MaskingCollator(policy, vocab, seed=0), block_size, batch_size
 
 

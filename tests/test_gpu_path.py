@@ -281,3 +281,29 @@ def test_liger_kernel_gives_the_default_loss_accuracy_and_gradients_on_a_gpu():
     assert torch.equal(got[2], want[2])
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+
+
+def test_collate_runs_on_one_thread_and_gives_the_threads_back():
+    from datamodules import RandomMLMMask
+    from datamodules.collate import MaskingCollator
+    from tests.conftest import make_vocab, random_ids
+
+    seen = []
+
+    class Spy(RandomMLMMask):
+        def select(self, block, generator):
+            seen.append(torch.get_num_threads())
+            return super().select(block, generator)
+
+    policy = Spy()
+    policy.ratio = 0.15
+    vocab = make_vocab()
+    collate = MaskingCollator(policy, vocab, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = collate(list(enumerate(random_ids(4, 16, vocab))))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert batch["input_ids"].shape == (4, 16)
