@@ -16,7 +16,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from callbacks.policy_driver import PolicyDriver
 from core.errors import raise_if_any
+from datamodules.policies.adaptive import AdaptiveMLMMask
 from lightning_modules.base import IGNORE_INDEX, TokenStats
 from lightning_modules.teacher import load_teacher
 
@@ -48,7 +50,7 @@ def update_weights(weights: Tensor, targets: Tensor, ratio: float, smoothing: fl
     return ratio * len(smoothed) * smoothed / smoothed.sum()
 
 
-class AdaptiveMaskingCallback(L.Callback):
+class AdaptiveMaskingCallback(PolicyDriver):
     """Learns the per-type masking weights of `AdaptiveMLMMask` from the model's difficulty.
 
     Args:
@@ -64,6 +66,8 @@ class AdaptiveMaskingCallback(L.Callback):
             frozen ``"teacher"``, run on the same masked batch.
         teacher_path: local masked-LM folder for ``entropy_source="teacher"`` (same vocabulary).
     """
+
+    drives = AdaptiveMLMMask
 
     def __init__(
         self,
@@ -102,9 +106,7 @@ class AdaptiveMaskingCallback(L.Callback):
     # ---- set-up ------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        policy = self.policy = trainer.datamodule.policy
-        if not hasattr(policy, "weights"):
-            raise_if_any([f"AdaptiveMaskingCallback needs data.masking=AdaptiveMLMMask, got {type(policy).__name__}"])
+        policy = self.policy = self.find_policy(trainer)
         if self.floor >= policy.ratio:
             raise_if_any([f"AdaptiveMaskingCallback.floor={self.floor} must be below the mask ratio {policy.ratio}"])
         if self.scoring == "entropy" and self.entropy_source == "teacher":

@@ -1,4 +1,4 @@
-"""Per-position entropy-aware masking on the device (see datamodules/entropy.py for why here)."""
+"""Per-position entropy-aware masking on the device (see datamodules/policies/entropy.py for why here)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.policies.entropy import EntropyPositionMask
+from callbacks.policy_driver import PolicyDriver
 from core.errors import raise_if_any
 from datamodules.masking import TokenBlock, Vocab, corrupt_mlm
+from datamodules.policies.entropy import EntropyPositionMask
 from lightning_modules.base import predictive_entropy
 from lightning_modules.teacher import load_teacher
 
@@ -40,7 +41,7 @@ def choose_by_entropy(
     return (rank < budget[:, None]) & maskable
 
 
-class EntropyMaskingCallback(L.Callback):
+class EntropyMaskingCallback(PolicyDriver):
     """Before every training step: a no-grad forward on the clean batch gives each position's
     predictive entropy; the chosen positions go through 80/10/10, in place in the batch.
 
@@ -52,6 +53,8 @@ class EntropyMaskingCallback(L.Callback):
         temperature: sampling temperature, > 0.
         seed: seed of the sampling and of the 80/10/10 draw (mixed with the step).
     """
+
+    drives = EntropyPositionMask
 
     def __init__(
         self,
@@ -79,12 +82,7 @@ class EntropyMaskingCallback(L.Callback):
         self.teacher = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        policy = trainer.datamodule.policy
-        if not isinstance(policy, EntropyPositionMask):
-            raise_if_any(
-                [f"EntropyMaskingCallback needs data.masking=EntropyPositionMask, got {type(policy).__name__}"]
-            )
-        self.policy = policy
+        self.policy = self.find_policy(trainer)
         if self.source == "teacher" and self.teacher is None:
             self.teacher = load_teacher(
                 self.teacher_path, pl_module.vocab["tokens"], "EntropyMaskingCallback.teacher_path"

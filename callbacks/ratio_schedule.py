@@ -7,14 +7,16 @@ from typing import Any, Literal
 
 import lightning as L
 
+from callbacks.policy_driver import PolicyDriver
 from core.errors import raise_if_any
 
 
-class MaskRatioSchedule(L.Callback):
+class MaskRatioSchedule(PolicyDriver):
     """Sets the masking policy's ratio before every training step, from `start` to `end` over
     `steps` optimiser steps (default: the whole run), then holds `end`.
 
-    Works with every policy that has a ratio (random MLM, MEAP, AMLM, ...). The ratio is a pure
+    Works with every policy that has a ratio (random MLM, MEAP, AMLM, MEAP SFT, ...); one without
+    (e.g. PenultimateTokenMask) is a config error. The ratio is a pure
     function of the optimiser step, so a resumed run continues on the same curve. A new value
     reaches the collate with the DataLoader's prefetch lag (one batch with `num_workers=0`).
 
@@ -24,6 +26,8 @@ class MaskRatioSchedule(L.Callback):
         shape: ``"linear"`` (the AMLM paper) or ``"cosine"``.
         steps: length of the schedule in optimiser steps; None = the whole run.
     """
+
+    needs_ratio = True
 
     def __init__(
         self,
@@ -52,6 +56,9 @@ class MaskRatioSchedule(L.Callback):
             progress = (1 - math.cos(math.pi * progress)) / 2
         return self.start + (self.end - self.start) * progress
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.policy = self.find_policy(trainer)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         total = self.steps or int(trainer.estimated_stepping_batches)
-        trainer.datamodule.policy.ratio = self.ratio_at(trainer.global_step, total)
+        self.policy.ratio = self.ratio_at(trainer.global_step, total)

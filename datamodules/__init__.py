@@ -1,7 +1,8 @@
 """Corpora, tokenizer, packing, masking policies and the collate that applies them."""
 
+from core.errors import ConfigError
 from datamodules.finetune import FineTuneDataModule
-from datamodules.masking import MaskingPolicy, SelectionPolicy, TokenBlock, Vocab
+from datamodules.masking import MaskingPolicy, Policy, SelectionPolicy, TokenBlock, Vocab
 from datamodules.policies.adaptive import AdaptiveMLMMask
 from datamodules.policies.entropy import EntropyPositionMask
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT
@@ -12,6 +13,7 @@ from datamodules.policies.swap import SecondToLastSwap
 from datamodules.pretraining import PretrainingDataModule
 
 __all__ = [
+    "MEAPSFT",
     "AdaptiveMLMMask",
     "EntropyPositionMask",
     "FineTuneDataModule",
@@ -19,13 +21,13 @@ __all__ = [
     "FixedSpanMask",
     "GeometricSpanMask",
     "LastTokenMask",
-    "MEAPSFT",
     "MEAPInputMask",
     "MaskingPolicy",
     "MatchedRandomMask",
     "NoMask",
     "PenultimateTokenMask",
     "PlainSFT",
+    "Policy",
     "PretrainingDataModule",
     "RandomMLMMask",
     "SecondToLastSwap",
@@ -35,3 +37,12 @@ __all__ = [
     "Vocab",
     "WholeWordMask",
 ]
+
+RENAMED = {"MEAPFineTuneCollate": "MEAPSFT (its init_args.ratio is now data.mask_ratio)"}
+
+
+def __getattr__(name: str):
+    """A class path that was renamed fails with one line naming the new one."""
+    if name in RENAMED:
+        raise ConfigError(f"{name} was renamed: use datamodules.{RENAMED[name]}")
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

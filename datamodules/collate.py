@@ -62,7 +62,7 @@ class MaskingCollator:
         indices = [index for index, _ in samples]
         input_ids = torch.stack([block for _, block in samples]).long()  # [B, L]
         batch = self.policy(TokenBlock.from_ids(input_ids, self.vocab), batch_generator(self.seed, indices))
-        if self.policy.objective == "mlm" and not self.policy.chooses_on_device and not batch["masked"].any():
+        if self.policy.objective == "mlm" and not self.policy.needs_model and not batch["masked"].any():
             rank_zero_warn(
                 f"{self.policy!r} masked no token in a batch of {input_ids.numel()} tokens; "
                 "its MLM loss is 0 and it teaches nothing"

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
@@ -22,9 +23,16 @@ from transformers import PreTrainedTokenizerBase
 
 from core.errors import DataError, raise_if_any
 from datamodules.collate import batch_generator
+from datamodules.loading import (
+    Loaders,
+    TokenizerSource,
+    bind_ratio,
+    check_mask_token,
+    check_protocol,
+    common_config_errors,
+)
 from datamodules.masking import Vocab
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT, SFTBlock
-from datamodules.pretraining import PretrainingDataModule
 from datamodules.qa_corpus import QACorpus
 from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
 
@@ -130,12 +138,10 @@ def encode(
     block (no answer token left) is dropped and counted instead of raising; `drop` drops every
     sample longer than the block.
     """
-    prompts = tokenizer([prompt_template.replace("{prompt}", p) for p, _ in pairs], add_special_tokens=False)[
-        "input_ids"
-    ]
-    answers = tokenizer([answer_template.replace("{answer}", a) for _, a in pairs], add_special_tokens=False)[
-        "input_ids"
-    ]
+    # a special token's string in the data ("<s>") is text, as in pre-training (docs/data-and-policies.md)
+    as_text = {"add_special_tokens": False, "split_special_tokens": True}
+    prompts = tokenizer([prompt_template.replace("{prompt}", p) for p, _ in pairs], **as_text)["input_ids"]
+    answers = tokenizer([answer_template.replace("{answer}", a) for _, a in pairs], **as_text)["input_ids"]
     room = block_size - 2  # BOS and EOS
     prepared = PreparedSplit([], [], len(pairs))
     for prompt, answer in zip(prompts, answers):  # a loop over samples, once per run
@@ -207,12 +213,14 @@ class SFTCollator:
         return self.policy(block, batch_generator(self.seed, block.indices.tolist()))
 
 
-class FineTuneDataModule(PretrainingDataModule):
+class FineTuneDataModule(L.LightningDataModule):
     """Instruction / long-context fine-tuning data; the policy decides plain SFT or MEAP SFT.
 
     Args:
         masking: the fine-tuning policy: None = `PlainSFT` (loss on the answer only), or
             `MEAPSFT`.
+        mask_ratio: the policy's ratio (`MEAPSFT`: share of the copy's tokens masked), handed to
+            the policy; None = its default (`MEAPSFT`: 0.10). `PlainSFT` has none and refuses one.
         data_path: a .jsonl file (one JSON object per line) or a folder of them; None = the
             built-in QA generator (or `hf_dataset`).
         val_data_path: validation .jsonl; None = hold out `val_fraction` of the samples.
@@ -240,6 +248,7 @@ class FineTuneDataModule(PretrainingDataModule):
         block_size: longest row: a sample is fitted into it, and a concatenated MEAP copy must fit too.
         batch_size: samples per batch on each device (MEAP `separate_rows` adds a row per copy).
         num_workers: DataLoader worker processes (masking runs in them).
+        pin_memory: DataLoaders hand out batches in page-locked memory; None = when a GPU is available.
         seed: seed of the built-in samples, the split, the shuffling and the masks.
         cache_dir: where trained tokenizers are cached.
     """
@@ -247,6 +256,7 @@ class FineTuneDataModule(PretrainingDataModule):
     def __init__(
         self,
         masking: FineTunePolicy | None = None,
+        mask_ratio: float | None = None,
         data_path: str | None = None,
         val_data_path: str | None = None,
         hf_dataset: str | None = None,
@@ -266,24 +276,25 @@ class FineTuneDataModule(PretrainingDataModule):
         block_size: int = 1024,
         batch_size: int = 16,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         seed: int = 0,
         cache_dir: str = ".cache/masklab",
     ) -> None:
+        super().__init__()
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
-        policy = masking if masking is not None else PlainSFT()
-        super().__init__(
-            masking=policy,
-            mask_ratio=policy.ratio,
-            builtin_documents=builtin_documents,
-            val_fraction=val_fraction,
-            tokenizer_path=str(model_folder(tokenizer_path)) if tokenizer_path else None,
-            vocab_size=vocab_size,
-            block_size=block_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            cache_dir=cache_dir,
+        self.policy = masking if masking is not None else PlainSFT()
+        check_protocol(self.policy, FineTunePolicy, "datamodules.PretrainingDataModule")
+        bind_ratio(self.policy, mask_ratio)
+        self.builtin_documents, self.val_fraction = builtin_documents, val_fraction
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.tokenizer_source = TokenizerSource(
+            str(model_folder(tokenizer_path)) if tokenizer_path else None,
+            vocab_size,
+            Path(cache_dir),
+            lambda: self.source_key,
+            lambda: self._texts("train")["text"],
         )
+        self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
         self.data_path, self.val_data_path = data_path, val_data_path
         self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
             hf_dataset,
@@ -301,7 +312,7 @@ class FineTuneDataModule(PretrainingDataModule):
     @staticmethod
     def config_errors(**args) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
-        errors = PretrainingDataModule.config_errors(**args)  # the keys both datamodules share
+        errors = common_config_errors(**args)
         if args.get("builtin_max_facts", 16) < 2:
             errors.append(f"data.builtin_max_facts must be >= 2, got {args['builtin_max_facts']}")
         if args.get("truncation", "prompt_start") not in TRUNCATIONS:
@@ -311,6 +322,18 @@ class FineTuneDataModule(PretrainingDataModule):
                 errors.append(f"data.{key} must contain {placeholder}, got {args[key]!r}")
         errors += _policy_errors(args)
         return errors
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer_source.tokenizer
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.tokenizer_source.vocab
+
+    @property
+    def model_vocab(self) -> dict:
+        return self.tokenizer_source.model_vocab()
 
     # ---- samples -----------------------------------------------------------------------------
 
@@ -395,47 +418,27 @@ class FineTuneDataModule(PretrainingDataModule):
     # ---- Lightning hooks ---------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        self.tokenizer  # trains and caches the BPE once, before the ranks start
+        _ = self.tokenizer  # trains and caches the BPE once, before the ranks start
 
     def setup(self, stage: str | None = None) -> None:
-        if self.policy.needs_mask_token and self.vocab.mask_id is None:
-            raise DataError(
-                f"tokenizer {self.tokenizer.name_or_path!r} has no mask token, but {type(self.policy).__name__} needs one"
-            )
+        check_mask_token(self.policy, self.tokenizer, self.vocab)
         self.policy.setup(self.vocab)
         for split in ("train", "validation"):
             if split not in self.prepared:
                 self.prepared[split] = self.prepare(split)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = SFTSamples(self.prepared["train"])
-        sampler = self._sampler(dataset, shuffle=True)
-        sampler.skip = self._batches_done_this_epoch() * self.batch_size
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=SFTCollator(self.policy, self.vocab, self.seed, self.block_size),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=True,
-            generator=self._private_generator(),
-        )
+        collate = SFTCollator(self.policy, self.vocab, self.seed, self.block_size)
+        return self.loaders.train(SFTSamples(self.prepared["train"]), collate, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = SFTSamples(self.prepared["validation"])
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self._sampler(dataset, shuffle=False),
-            collate_fn=SFTCollator(self.policy.validation_policy(0.0), self.vocab, self.seed, self.block_size),
-            generator=self._private_generator(),
-        )
+        collate = SFTCollator(self.policy.validation_policy(), self.vocab, self.seed, self.block_size)
+        return self.loaders.validation(SFTSamples(self.prepared["validation"]), self.trainer, collate)
 
 
 def _policy_errors(args: dict) -> list[str]:
     """Check a MEAP policy's keys before it is built. The CLI hands its config over flattened
-    (`masking.class_path`, `masking.init_args.ratio`); Python callers pass the policy itself."""
+    (`masking.class_path`, `masking.init_args.layout`); Python callers pass the policy itself."""
     class_path = args.get("masking.class_path", "")
     if str(class_path).rsplit(".", 1)[-1] != MEAPSFT.__name__:
         return []

@@ -13,7 +13,9 @@ Label conventions follow the objective: ``"mlm"`` policies put labels on hidden 
 next-token prediction) and only corrupt the *input* (MEAP).
 
 Policies are vectorised over the batch and draw all randomness from the generator they are
-given, so a mask is a pure function of (block, generator state, ratio).
+given, so a mask is a pure function of (block, generator state, ratio). Fine-tuning policies
+(`datamodules.policies.finetune`) share the declarations and the ratio (`Policy`) but take an
+`SFTBlock`, so they have a base class of their own.
 """
 
 from __future__ import annotations
@@ -86,30 +88,78 @@ def check_ratio(value: float, key: str = "mask ratio") -> None:
         raise ValueError(f"{key} must be in [0, 1], got {value}")
 
 
-class MaskingPolicy(ABC):
-    """Base of every policy: a live mask ratio plus the objective the labels are built for."""
+class Policy:
+    """What every policy (pre-training and fine-tuning) declares, and the live mask ratio it owns.
+
+    The declarations let the entry point check a config before training (see
+    `callbacks.policy_driver.compatibility_errors`) instead of a run training on a silent fault:
+
+    - `objective`: the labels it builds, ``"mlm"`` or ``"causal"``; the model must train that one.
+    - `default_ratio`: the ratio it starts at when `data.mask_ratio` is not set; None = the policy
+      has no ratio (its budget comes from the text, e.g. one token per sentence), and setting
+      `data.mask_ratio` for it is a config error.
+    - `needs_mask_token`: the tokenizer must have a [MASK] token.
+    - `needs_model`: the collate cannot choose the positions; a callback does it on the device, with
+      the model (the collate's batch carries no labels until then).
+    - `required_callbacks`: class names of the callbacks it cannot train as meant without (a policy
+      never imports a callback, so it names them).
+
+    The ratio lives in one place, this policy. The datamodule passes `data.mask_ratio` in when it
+    receives the policy; afterwards only a callback changes it, through the `ratio` setter (the
+    schedules). Until the datamodule has set it, reading it is an error, not a silent default.
+    """
 
     objective: ClassVar[Objective]
+    default_ratio: ClassVar[float | None] = 0.15
     needs_mask_token: ClassVar[bool] = True
-    chooses_on_device: ClassVar[bool] = False  # positions are picked later, by a callback with the model
+    needs_model: ClassVar[bool] = False
+    required_callbacks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         # A shared-memory scalar: a callback in the main process changes the ratio and the
-        # collate in every DataLoader worker reads the new value on its next batch.
-        self._ratio = torch.full((1,), 0.15).share_memory_()
+        # collate in every DataLoader worker reads the new value on its next batch. NaN = not set.
+        self._ratio = torch.full((1,), float("nan")).share_memory_()
+
+    @property
+    def uses_ratio(self) -> bool:
+        return self.default_ratio is not None
 
     @property
     def ratio(self) -> float:
-        return float(self._ratio[0])
+        if not self.uses_ratio:
+            raise AttributeError(f"{type(self).__name__} has no mask ratio: its budget is set by the text")
+        value = float(self._ratio[0])
+        if value != value:  # NaN
+            raise RuntimeError(
+                f"{type(self).__name__}.ratio is read before the datamodule set it from data.mask_ratio: "
+                "read it in setup() or later, not in __init__"
+            )
+        return value
 
     @ratio.setter
     def ratio(self, value: float) -> None:
+        """The one setter: the datamodule's `mask_ratio` at construction, a schedule callback later."""
+        if not self.uses_ratio:
+            raise AttributeError(f"{type(self).__name__} has no mask ratio to set")
         check_ratio(value)
         self._ratio[0] = float(value)
 
     def setup(self, vocab: Vocab) -> None:
         """Called by the datamodule once the tokenizer is known, before any DataLoader worker
         starts: allocate per-type state here (in shared memory, if callbacks update it)."""
+
+    def _ratio_repr(self) -> str:
+        if not self.uses_ratio:
+            return ""
+        value = float(self._ratio[0])
+        return "ratio=unset" if value != value else f"ratio={value:.3f}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._ratio_repr()})"
+
+
+class MaskingPolicy(Policy, ABC):
+    """Base of the pre-training policies: a `TokenBlock` of packed text in, a masked batch out."""
 
     @abstractmethod
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
@@ -127,9 +177,6 @@ class MaskingPolicy(ABC):
         policy = RandomMLMMask()
         policy.ratio = val_mask_ratio
         return policy
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(ratio={self.ratio:.3f})"
 
 
 class SelectionPolicy(MaskingPolicy):

@@ -9,11 +9,19 @@ import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from core.errors import DataError, raise_if_any
 from datamodules.collate import MaskingCollator
 from datamodules.corpus import VARIANTS
+from datamodules.loading import (
+    Loaders,
+    TokenizerSource,
+    bind_ratio,
+    check_mask_token,
+    check_protocol,
+    common_config_errors,
+)
 from datamodules.masking import MaskingPolicy, TokenBlock, Vocab
 from datamodules.packing import pack, tokenize
 from datamodules.policies.standard import NoMask
@@ -26,7 +34,6 @@ from datamodules.sources import (
     stable_hash,
     text_files,
 )
-from datamodules.tokenizer import cached_bpe, load_tokenizer, vocab_of
 
 
 class IndexedBlocks(Dataset):
@@ -55,25 +62,15 @@ class TensorDictDataset(Dataset):
         return {name: t[index] for name, t in self.tensors.items()}
 
 
-class ResumableSampler(DistributedSampler):
-    """`DistributedSampler` (each rank its own shard, reshuffled by epoch) that can skip the
-    samples an interrupted epoch already trained on, so a resumed run sees the same batches."""
-
-    skip = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
-
-
 class PretrainingDataModule(L.LightningDataModule):
     """Pre-training text for every objective; the masking policy is the only thing that differs.
 
     Args:
         masking: the policy that hides tokens (e.g. RandomMLMMask, MEAPInputMask); None = no
             masking, plain next-token prediction.
-        mask_ratio: share of tokens the policy masks at the start of training.
+        mask_ratio: share of tokens the policy masks at the start of training, handed to the policy
+            (the ratio's one home); None = the policy's default (0.15). A policy without a ratio
+            (e.g. PenultimateTokenMask, NoMask) refuses one.
         data_path: a text file or a folder of text files (.txt, .txt.gz); None = built-in corpus.
         val_data_path: validation text; None = hold out `val_fraction` of the documents.
         hf_dataset: a `datasets` source instead: hub id or a local `save_to_disk` folder.
@@ -101,7 +98,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def __init__(
         self,
         masking: MaskingPolicy | None = None,
-        mask_ratio: float = 0.15,
+        mask_ratio: float | None = None,
         data_path: str | None = None,
         val_data_path: str | None = None,
         hf_dataset: str | None = None,
@@ -125,7 +122,8 @@ class PretrainingDataModule(L.LightningDataModule):
         super().__init__()
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         self.policy = masking if masking is not None else NoMask()
-        self.policy.ratio = mask_ratio
+        check_protocol(self.policy, MaskingPolicy, "datamodules.FineTuneDataModule")
+        bind_ratio(self.policy, mask_ratio)
         self.data_path, self.val_data_path = data_path, val_data_path
         self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
             hf_dataset,
@@ -137,37 +135,22 @@ class PretrainingDataModule(L.LightningDataModule):
         self.builtin_documents = builtin_documents
         self.builtin_variant = builtin_variant
         self.val_fraction = val_fraction
-        self.tokenizer_path = tokenizer_path
-        self.vocab_size = vocab_size
         self.block_size = block_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.val_mask_ratio = val_mask_ratio
         self.seed = seed
         self.cache_dir = Path(cache_dir)
+        self.tokenizer_source = TokenizerSource(
+            tokenizer_path, vocab_size, self.cache_dir, lambda: self.source_key, lambda: self._texts("train")["text"]
+        )
+        self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
 
     @staticmethod
     def config_errors(**args) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
-        errors = []
-        for key in ("mask_ratio", "val_fraction", "val_mask_ratio"):
-            value = args.get(key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                errors.append(f"data.{key} must be in [0, 1], got {value}")
-        for key in ("block_size", "batch_size", "vocab_size", "builtin_documents"):
-            value = args.get(key)
-            if value is not None and value < 1:
-                errors.append(f"data.{key} must be >= 1, got {value}")
+        errors = common_config_errors(**args)
         if args.get("builtin_variant", "default") not in VARIANTS:
             errors.append(f"data.builtin_variant must be one of {sorted(VARIANTS)}, got {args['builtin_variant']!r}")
-        if args.get("num_workers", 0) < 0:
-            errors.append(f"data.num_workers must be >= 0, got {args['num_workers']}")
-        if args.get("data_path") and args.get("hf_dataset"):
-            errors.append("data.data_path and data.hf_dataset are both set; choose one source")
-        for key in ("data_path", "val_data_path", "tokenizer_path"):
-            if args.get(key) and not Path(args[key]).exists():
-                errors.append(f"data.{key}: {args[key]!r} does not exist")
         return errors
 
     # ---- tokenizer ---------------------------------------------------------------------------
@@ -178,7 +161,12 @@ class PretrainingDataModule(L.LightningDataModule):
             files = text_files(self.data_path, "data.data_path")
             val_files = text_files(self.val_data_path, "data.val_data_path") if self.val_data_path else []
             return stable_hash(
-                "files", TEXT_RULES, files_fingerprint(files), files_fingerprint(val_files), self.val_fraction, self.seed
+                "files",
+                TEXT_RULES,
+                files_fingerprint(files),
+                files_fingerprint(val_files),
+                self.val_fraction,
+                self.seed,
             )
         if self.hf_dataset:
             return stable_hash(
@@ -186,26 +174,17 @@ class PretrainingDataModule(L.LightningDataModule):
             )
         return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant)
 
-    @cached_property
+    @property
     def tokenizer(self):
-        if self.tokenizer_path:
-            return load_tokenizer(self.tokenizer_path)
-        key = stable_hash("bpe", self.source_key, self.vocab_size)
-        return cached_bpe(self.cache_dir, key, self._texts("train")["text"], self.vocab_size)
+        return self.tokenizer_source.tokenizer
 
-    @cached_property
+    @property
     def vocab(self) -> Vocab:
-        return vocab_of(self.tokenizer)
+        return self.tokenizer_source.vocab
 
     @property
     def model_vocab(self) -> dict:
-        """What the model needs of the tokenizer (ids for its config, token strings for n-hot
-        embeddings); linked to `model.vocab` by the CLI."""
-        tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab.size)))
-        return {
-            **self.vocab.as_dict(),
-            "tokens": ["" if s else t for t, s in zip(tokens, self.vocab.is_special.tolist())],
-        }
+        return self.tokenizer_source.model_vocab()
 
     # ---- text and blocks ---------------------------------------------------------------------
 
@@ -232,8 +211,8 @@ class PretrainingDataModule(L.LightningDataModule):
         return parts["train" if split == "train" else "test"]
 
     def _blocks(self, split: str) -> np.ndarray:
-        tokenizer_key = self.tokenizer_path or stable_hash("bpe", self.source_key, self.vocab_size)
-        path = self.cache_dir / "blocks" / f"{stable_hash(self.source_key, tokenizer_key, split, self.block_size)}.npy"
+        key = stable_hash(self.source_key, self.tokenizer_source.key, split, self.block_size)
+        path = self.cache_dir / "blocks" / f"{key}.npy"
         if not path.exists():
             blocks = pack(
                 tokenize(self._texts(split), self.tokenizer), self.vocab.bos_id, self.vocab.eos_id, self.block_size
@@ -253,10 +232,7 @@ class PretrainingDataModule(L.LightningDataModule):
             self._blocks(split)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.policy.needs_mask_token and self.vocab.mask_id is None:
-            raise DataError(
-                f"tokenizer {self.tokenizer.name_or_path!r} has no mask token, but {type(self.policy).__name__} needs one"
-            )
+        check_mask_token(self.policy, self.tokenizer, self.vocab)
         self.policy.setup(self.vocab)
         self.train_blocks = self._blocks("train")
         self.val_batches = self._masked_validation(self._blocks("validation"))
@@ -267,46 +243,9 @@ class PretrainingDataModule(L.LightningDataModule):
         ids = torch.from_numpy(np.asarray(blocks, dtype=np.int64))  # [N, L]
         return policy(TokenBlock.from_ids(ids, self.vocab), torch.Generator().manual_seed(self.seed))
 
-    def _sampler(self, dataset: Dataset, shuffle: bool) -> ResumableSampler:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        return ResumableSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
-        )
-
     def train_dataloader(self) -> DataLoader:
-        dataset = IndexedBlocks(self.train_blocks)
-        sampler = self._sampler(dataset, shuffle=True)
-        sampler.skip = self._batches_done_this_epoch() * self.batch_size
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=MaskingCollator(self.policy, self.vocab, self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-            drop_last=True,
-            generator=self._private_generator(),
-        )
+        collate = MaskingCollator(self.policy, self.vocab, self.seed)
+        return self.loaders.train(IndexedBlocks(self.train_blocks), collate, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = TensorDictDataset(self.val_batches)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self._sampler(dataset, shuffle=False),
-            pin_memory=self.pin_memory,
-            generator=self._private_generator(),
-        )
-
-    def _private_generator(self) -> torch.Generator:
-        """DataLoaders draw their worker seeds from this instead of the global RNG, so opening
-        one does not shift the dropout RNG (and a resumed run matches an uninterrupted one)."""
-        return torch.Generator().manual_seed(self.seed)
-
-    def _batches_done_this_epoch(self) -> int:
-        """Batches of the current epoch a resumed run has already trained on."""
-        if self.trainer is None or not self.trainer.fit_loop.restarting:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self.loaders.validation(TensorDictDataset(self.val_batches), self.trainer)

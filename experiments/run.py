@@ -30,6 +30,7 @@ from callbacks import (
     update_metrics_json,
 )
 from callbacks.export import scalar_metrics
+from callbacks.policy_driver import compatibility_errors
 from core.errors import ConfigError, MasklabError
 from lightning_modules import LanguageModelModule
 
@@ -148,16 +149,6 @@ class MasklabCLI(LightningCLI):
             raise ConfigError(f"trainer: {err}") from err
 
 
-def compatibility_errors(model: LanguageModelModule, data: L.LightningDataModule) -> list[str]:
-    policy = data.policy
-    if policy.objective != model.objective:
-        return [
-            f"data.masking={type(policy).__name__} builds {policy.objective!r} batches but "
-            f"model={type(model).__name__} trains the {model.objective!r} objective"
-        ]
-    return []
-
-
 def masklab_cause(err: BaseException | None) -> MasklabError | None:
     """Our own error behind `err` (jsonargparse wraps what a class raises while instantiating)."""
     while err is not None and not isinstance(err, MasklabError):
@@ -189,7 +180,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             run=False,
             args=args,
         )
-        if errors := compatibility_errors(cli.model, cli.datamodule):
+        if errors := compatibility_errors(cli.model, cli.datamodule, cli.trainer.callbacks):
             cli.release_run_dir()
             raise ConfigError(errors)
         if cli.run_version is not None:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import MEAPInputMask, PretrainingDataModule, RandomMLMMask
 from core.errors import ConfigError, DataError
+from datamodules import MEAPInputMask, PretrainingDataModule, RandomMLMMask
 from datamodules.masking import IGNORE_INDEX
 from datamodules.tokenizer import train_bpe, vocab_of
 
@@ -67,7 +67,8 @@ def test_folder_of_text_files_trains_like_the_builtin_corpus(tmp_path):
 def test_each_rank_sees_different_data(tmp_path):
     dm = make(tmp_path)
     dm.setup("fit")
-    from datamodules.pretraining import IndexedBlocks, ResumableSampler
+    from datamodules.loading import ResumableSampler
+    from datamodules.pretraining import IndexedBlocks
 
     dataset = IndexedBlocks(dm.train_blocks)
     shards = [set(ResumableSampler(dataset, num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
@@ -75,7 +76,7 @@ def test_each_rank_sees_different_data(tmp_path):
 
 
 def test_resumable_sampler_skips_what_was_consumed(tmp_path):
-    from datamodules.pretraining import ResumableSampler
+    from datamodules.loading import ResumableSampler
 
     full = list(ResumableSampler(range(50), num_replicas=1, rank=0, seed=0))
     sampler = ResumableSampler(range(50), num_replicas=1, rank=0, seed=0)

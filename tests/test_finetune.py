@@ -19,7 +19,7 @@ from tests.test_run import scalars
 class DigitTokenizer:
     """Whitespace-separated integers are the token ids: exact ids in tests."""
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, split_special_tokens=False):
         return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
 
 

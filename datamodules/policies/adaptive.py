@@ -25,6 +25,8 @@ class AdaptiveMLMMask(SelectionPolicy):
         random_prob: share replaced by a random non-special token.
     """
 
+    required_callbacks = ("AdaptiveMaskingCallback",)  # without it the weights stay uniform: plain random MLM
+
     def __init__(self, mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
         super().__init__("mlm", mask_prob, random_prob)
         self.weights: Tensor | None = None  # [V] float32, shared memory

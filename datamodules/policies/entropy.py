@@ -24,7 +24,8 @@ class EntropyPositionMask(SelectionPolicy):
         random_prob: share replaced by a random non-special token.
     """
 
-    chooses_on_device = True
+    needs_model = True
+    required_callbacks = ("EntropyMaskingCallback",)  # without it no position is ever chosen
 
     def __init__(self, mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
         super().__init__("mlm", mask_prob, random_prob)

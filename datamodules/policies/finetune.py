@@ -7,7 +7,7 @@ with the answer marked — and returns the usual batch (`input_ids`, `labels`, `
 the output at t-1.
 
 MEAP fine-tuning duplicates a sample whose answer is longer than `min_answer_tokens`, hides
-`ratio` of the copy's tokens behind [MASK] and trains on the copy too. The paper's text and the
+`ratio` (`data.mask_ratio`) of the copy's tokens behind [MASK] and trains on the copy too. The paper's text and the
 released code (scitix/MEAP, MEAP-SFT.py) differ; each difference is a key (defaults = paper):
 
 =================  ==========================================  ===========================================
@@ -26,6 +26,7 @@ never BOS/EOS/padding. The original part always carries loss on its answer (and 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from core.errors import ConfigError
 from datamodules.collate import batch_generator
-from datamodules.masking import IGNORE_INDEX, MaskingPolicy, Vocab
+from datamodules.masking import IGNORE_INDEX, Policy, Vocab
 
 Layout = Literal["concat", "separate_rows"]
 CopyLoss = Literal["masked_only", "answer_and_masked"]
@@ -65,11 +66,17 @@ class SFTBlock:
         return (self.answer_mask & ~self.special).sum(1)
 
 
-class FineTunePolicy(MaskingPolicy):
-    """Base of the fine-tuning policies: causal labels, validated by plain SFT (the same task for
-    every policy, so `val/loss` is the answer loss and compares across policies)."""
+class FineTunePolicy(Policy, ABC):
+    """Base of the fine-tuning policies: an `SFTBlock` in, a batch with causal labels out,
+    validated by plain SFT (the same task for every policy, so `val/loss` is the answer loss and
+    compares across policies). It shares `Policy`'s declarations and ratio with the pre-training
+    policies, not their `TokenBlock` protocol."""
 
     objective = "causal"
+
+    @abstractmethod
+    def __call__(self, block: SFTBlock, generator: torch.Generator) -> dict[str, Tensor]:
+        """Build the rows of `block`; returns input_ids, labels, attention_mask, masked."""
 
     def copy_plan(self, lengths: Tensor, answer_tokens: Tensor, max_length: int) -> tuple[Tensor, Tensor]:
         """Which samples qualify for a masked copy, and which of those have room for it.
@@ -80,18 +87,15 @@ class FineTunePolicy(MaskingPolicy):
         none = torch.zeros_like(lengths, dtype=torch.bool)
         return none, none
 
-    def validation_policy(self, val_mask_ratio: float) -> MaskingPolicy:
+    def validation_policy(self) -> FineTunePolicy:
         return PlainSFT()
 
 
 class PlainSFT(FineTunePolicy):
     """Supervised fine-tuning baseline: loss on the answer (and its closing EOS) only, no copy."""
 
+    default_ratio = None
     needs_mask_token = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ratio = 0.0
 
     def __call__(self, block: SFTBlock, generator: torch.Generator) -> dict[str, Tensor]:
         ids = block.input_ids
@@ -109,10 +113,11 @@ def _check_choice(errors: list[str], key: str, value: str, choices: tuple[str, .
 
 
 class MEAPSFT(FineTunePolicy):
-    """MEAP fine-tuning: a masked copy of every sample whose answer is long enough.
+    """MEAP fine-tuning: a masked copy of every sample whose answer is long enough. Its ratio
+    (`data.mask_ratio`, default 0.10 as in the paper and the code) is the share of the copy's
+    eligible tokens replaced by [MASK].
 
     Args:
-        ratio: share of the copy's eligible tokens replaced by [MASK] (paper and code: 0.10).
         min_answer_tokens: a sample gets a copy only if its answer has *more* than this many
             tokens (strict, as in the code's ``len(target_ids) > 50``); others train as plain SFT.
         layout: ``concat`` puts the copy after the original in the same row (the row must hold
@@ -127,9 +132,10 @@ class MEAPSFT(FineTunePolicy):
             draws it once when it prepares the data.
     """
 
+    default_ratio = 0.10
+
     def __init__(
         self,
-        ratio: float = 0.10,
         min_answer_tokens: int = 50,
         layout: Layout = "concat",
         copy_loss: CopyLoss = "answer_and_masked",
@@ -137,16 +143,14 @@ class MEAPSFT(FineTunePolicy):
         redraw: Redraw = "per_step",
     ) -> None:
         super().__init__()
-        errors = self.config_errors(ratio, min_answer_tokens, layout, copy_loss, mask_span, redraw)
+        errors = self.config_errors(min_answer_tokens, layout, copy_loss, mask_span, redraw)
         if errors:
             raise ConfigError(errors)
-        self.ratio = ratio
         self.min_answer_tokens = min_answer_tokens
         self.layout, self.copy_loss, self.mask_span, self.redraw = layout, copy_loss, mask_span, redraw
 
     @staticmethod
     def config_errors(
-        ratio=0.10,
         min_answer_tokens=50,
         layout="concat",
         copy_loss="answer_and_masked",
@@ -155,8 +159,6 @@ class MEAPSFT(FineTunePolicy):
     ) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
         errors = []
-        if not 0.0 <= float(ratio) <= 1.0:
-            errors.append(f"{KEY}.ratio must be in [0, 1], got {ratio}")
         if min_answer_tokens < 0:
             errors.append(f"{KEY}.min_answer_tokens must be >= 0, got {min_answer_tokens}")
         _check_choice(errors, "layout", layout, ("concat", "separate_rows"))
@@ -213,7 +215,7 @@ class MEAPSFT(FineTunePolicy):
 
     def __repr__(self) -> str:
         return (
-            f"MEAPSFT(ratio={self.ratio:.3f}, min_answer_tokens={self.min_answer_tokens}, "
+            f"MEAPSFT({self._ratio_repr()}, min_answer_tokens={self.min_answer_tokens}, "
             f"layout={self.layout}, copy_loss={self.copy_loss}, mask_span={self.mask_span}, redraw={self.redraw})"
         )
 

@@ -55,7 +55,7 @@ def check_unit(unit: str) -> None:
 
 class SentencePositionMask(SelectionPolicy):
     """Mask the regular token `from_end` places from the end of each unit (1 = last,
-    2 = penultimate). The budget is set by the text (one token per unit), not by `ratio`.
+    2 = penultimate). The budget is set by the text (one token per unit): the policy has no ratio.
 
     Args:
         from_end: which token, counted from the unit's end.
@@ -64,6 +64,8 @@ class SentencePositionMask(SelectionPolicy):
         mask_prob: MLM only: share of chosen tokens replaced by [MASK].
         random_prob: MLM only: share replaced by a random token.
     """
+
+    default_ratio = None
 
     def __init__(
         self,

@@ -111,7 +111,7 @@ class FixedSpanMask(SpanMask):
             )
 
     def __repr__(self) -> str:
-        return f"FixedSpanMask(span_length={self.span_length}, ratio={self.ratio:.3f}, objective={self.objective!r})"
+        return f"FixedSpanMask(span_length={self.span_length}, {self._ratio_repr()}, objective={self.objective!r})"
 
 
 class GeometricSpanMask(SpanMask):
@@ -154,7 +154,7 @@ class GeometricSpanMask(SpanMask):
         return torch.multinomial(self.length_probs, count, replacement=True, generator=generator) + 1
 
     def __repr__(self) -> str:
-        return f"GeometricSpanMask(p={self.p}, max_length={self.max_length}, ratio={self.ratio:.3f})"
+        return f"GeometricSpanMask(p={self.p}, max_length={self.max_length}, {self._ratio_repr()})"
 
 
 class WholeWordMask(SelectionPolicy):

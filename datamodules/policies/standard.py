@@ -14,6 +14,7 @@ class NoMask(MaskingPolicy):
     """Plain next-token prediction: the input is the text, every token is a label."""
 
     objective = "causal"
+    default_ratio = None
     needs_mask_token = False
 
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
@@ -24,7 +25,6 @@ class NoMask(MaskingPolicy):
             "attention_mask": block.attention_mask,
             "masked": torch.zeros_like(ids, dtype=torch.bool),
         }
-
 
 
 class RandomMLMMask(SelectionPolicy):

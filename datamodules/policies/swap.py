@@ -34,13 +34,14 @@ class SecondToLastSwap(MaskingPolicy):
 
     The module predicts labels[t + 1] from position t, so the label t(p) goes at p + 1 (where
     the swapped input holds it) and every other label is -100. A pair that touches padding is
-    left alone. `ratio` plays no part: the budget is one token in `block_length`.
+    left alone. It has no ratio: the budget is one token in `block_length`.
 
     Args:
         block_length: l, the period of the swaps (4 in the paper and its code).
     """
 
     objective = "causal"
+    default_ratio = None
     needs_mask_token = False
 
     def __init__(self, block_length: int = 4) -> None:

@@ -1,0 +1,179 @@
+"""The pieces both datamodules compose: the policy and its ratio, the tokenizer, the shared
+config checks, and DataLoaders that shard, reshuffle and resume. Pre-training and fine-tuning
+differ in their text and their samples, not in these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from transformers import PreTrainedTokenizerBase
+
+from core.errors import ConfigError, DataError
+from datamodules.masking import Policy, Vocab
+from datamodules.sources import stable_hash
+from datamodules.tokenizer import cached_bpe, load_tokenizer, vocab_of
+
+
+def common_config_errors(**args) -> list[str]:
+    """Problems with the init arguments every datamodule has, each naming its key."""
+    errors = []
+    for key in ("mask_ratio", "val_fraction", "val_mask_ratio"):
+        value = args.get(key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            errors.append(f"data.{key} must be in [0, 1], got {value}")
+    for key in ("block_size", "batch_size", "vocab_size", "builtin_documents"):
+        value = args.get(key)
+        if value is not None and value < 1:
+            errors.append(f"data.{key} must be >= 1, got {value}")
+    if args.get("num_workers", 0) < 0:
+        errors.append(f"data.num_workers must be >= 0, got {args['num_workers']}")
+    if args.get("data_path") and args.get("hf_dataset"):
+        errors.append("data.data_path and data.hf_dataset are both set; choose one source")
+    for key in ("data_path", "val_data_path", "tokenizer_path"):
+        if args.get(key) and not Path(args[key]).exists():
+            errors.append(f"data.{key}: {args[key]!r} does not exist")
+    return errors
+
+
+def check_protocol(policy: Policy, protocol: type[Policy], other_datamodule: str) -> None:
+    """Pre-training and fine-tuning policies take different blocks: refuse the other kind."""
+    if not isinstance(policy, protocol):
+        raise ConfigError(
+            f"data.masking={type(policy).__name__} is not a {protocol.__name__}: it belongs with {other_datamodule}"
+        )
+
+
+def bind_ratio(policy: Policy, mask_ratio: float | None) -> None:
+    """Hand `data.mask_ratio` to the policy, the ratio's one home (None = the policy's default).
+    A policy without a ratio refuses one, so a config cannot believe it set a budget it did not."""
+    if policy.uses_ratio:
+        policy.ratio = policy.default_ratio if mask_ratio is None else mask_ratio
+    elif mask_ratio is not None:
+        raise ConfigError(
+            f"data.mask_ratio={mask_ratio} is set, but data.masking={type(policy).__name__} has no ratio "
+            "(its budget is set by the text): remove data.mask_ratio"
+        )
+
+
+def check_mask_token(policy: Policy, tokenizer: PreTrainedTokenizerBase, vocab: Vocab) -> None:
+    if policy.needs_mask_token and vocab.mask_id is None:
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} has no mask token, but {type(policy).__name__} needs one"
+        )
+
+
+class TokenizerSource:
+    """A datamodule's tokenizer: a local folder, or a byte-level BPE trained once on the training
+    text and cached under a key of what it was trained on.
+
+    Args:
+        path: a local HF tokenizer folder; None = train the BPE.
+        vocab_size: size of the trained BPE.
+        cache_dir: where trained tokenizers are cached.
+        source_key: the key of the training text (called only when a BPE is trained or looked up).
+        texts: the training text (called only when the BPE is not cached yet).
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        vocab_size: int,
+        cache_dir: Path,
+        source_key: Callable[[], str],
+        texts: Callable[[], Sequence[str]],
+    ) -> None:
+        self.path, self.vocab_size, self.cache_dir = path, vocab_size, cache_dir
+        self.source_key, self.texts = source_key, texts
+
+    @cached_property
+    def key(self) -> str:
+        """Names this tokenizer in cache keys of what is tokenised with it."""
+        return self.path or stable_hash("bpe", self.source_key(), self.vocab_size)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.path:
+            return load_tokenizer(self.path)
+        return cached_bpe(self.cache_dir, self.key, self.texts(), self.vocab_size)
+
+    @cached_property
+    def vocab(self) -> Vocab:
+        return vocab_of(self.tokenizer)
+
+    def model_vocab(self) -> dict:
+        """What the model needs of the tokenizer (ids for its config, token strings for n-hot
+        embeddings); linked to `model.vocab` by the CLI."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab.size)))
+        return {
+            **self.vocab.as_dict(),
+            "tokens": ["" if s else t for t, s in zip(tokens, self.vocab.is_special.tolist())],
+        }
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (each rank its own shard, reshuffled by epoch) that can skip the
+    samples an interrupted epoch already trained on, so a resumed run sees the same batches."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class Loaders:
+    """Builds a datamodule's DataLoaders: sharded by rank, reshuffled by epoch, resumed mid-epoch,
+    with worker seeds from a private generator."""
+
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool | None, seed: int) -> None:
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+    def train(self, dataset: Dataset, collate_fn: Callable, trainer: L.Trainer | None) -> DataLoader:
+        sampler = self._sampler(dataset, True, trainer)
+        sampler.skip = batches_done_this_epoch(trainer) * self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            generator=self._private_generator(),
+        )
+
+    def validation(self, dataset: Dataset, trainer: L.Trainer | None, collate_fn: Callable | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler(dataset, False, trainer),
+            collate_fn=collate_fn,
+            pin_memory=self.pin_memory,
+            generator=self._private_generator(),
+        )
+
+    def _sampler(self, dataset: Dataset, shuffle: bool, trainer: L.Trainer | None) -> ResumableSampler:
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        return ResumableSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=shuffle
+        )
+
+    def _private_generator(self) -> torch.Generator:
+        """DataLoaders draw their worker seeds from this instead of the global RNG, so opening
+        one does not shift the dropout RNG (and a resumed run matches an uninterrupted one)."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+def batches_done_this_epoch(trainer: L.Trainer | None) -> int:
+    """Batches of the current epoch a resumed run has already trained on."""
+    if trainer is None or not trainer.fit_loop.restarting:
+        return 0
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
