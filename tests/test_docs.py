@@ -70,6 +70,10 @@ def test_the_example_callback_sets_the_ratio_from_the_accuracy(extending):
     assert 0.0 <= curriculum.accuracy <= 1.0
     assert data.policy.ratio == pytest.approx(0.1 + 0.3 * curriculum.accuracy, abs=1e-6)
     assert data.policy.ratio != pytest.approx(0.15)  # the ratio it started from
+    pairing_errors = extending["pairing_errors"]
+    assert pairing_errors(data.policy, [curriculum]) == []
+    [error] = pairing_errors(extending["PenultimateTokenMask"](), [curriculum])
+    assert error.startswith("AccuracyCurriculum changes the mask ratio, but data.masking=PenultimateTokenMask has none")
 
 
 def test_the_example_suite_stores_its_metrics(extending):
