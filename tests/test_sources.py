@@ -14,9 +14,10 @@ import pytest
 from datasets import Dataset
 
 from core.errors import DataError
+from datamodules.finetune import encode
 from datamodules.packing import tokenize
 from datamodules.sources import load_text_files, paragraphs, read_text
-from datamodules.tokenizer import train_bpe
+from datamodules.tokenizer import train_bpe, vocab_of
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -114,3 +115,14 @@ def test_bad_corpus_files_stop_the_real_entry_point_with_one_line(tmp_path):
         assert process.returncode == 2, stderr
         assert stderr.strip().splitlines()[-1] == expected[file] and "Traceback" not in stderr
         assert [p for p in runs[file].rglob("*") if p.is_file() or p.name.startswith("version_")] == []
+
+
+def test_fine_tuning_text_keeps_special_token_strings_as_text():
+    tokenizer = train_bpe(["Q: say <s> now", "A: the <mask> word"] * 20, vocab_size=300)
+    prepared = encode(
+        [("say <s> now", "the <mask> word")], tokenizer, vocab_of(tokenizer), "{prompt}", " {answer}", 64, "drop"
+    )
+    ids = prepared.ids[0].tolist()
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert not set(ids[1:-1]) & set(tokenizer.all_special_ids)
+    assert tokenizer.decode(ids[1:-1]) == "say <s> now the <mask> word"
