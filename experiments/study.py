@@ -98,16 +98,15 @@ def tokens_per_step(config: dict) -> int:
 
 
 def estimate_seconds(config: dict, tokens: int, flops_per_second: float) -> float:
-    """Training time from the model's FLOPs (6 x parameters per token, plus attention) at the
-    rate this machine reaches; a rough guide, see docs/studies.md for how well it holds."""
-    model = config["model"]["init_args"]
+    """Training time of `tokens` at `flops_per_second`, from the model FLOPs of
+    lightning_modules/flops.py per token: 6 x (body 12·layers·d² + head vocab·d) + attention
+    12·layers·d·block. A rough guide (docs/studies.md says how rough)."""
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
     d, layers = int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
-    vocab, block = (
-        int(config["data"]["init_args"].get("vocab_size") or 4096),
-        int(config["data"]["init_args"]["block_size"]),
+    per_token = 6 * (12 * layers * d * d + int(data.get("vocab_size") or 4096) * d) + 12 * layers * d * int(
+        data["block_size"]
     )
-    params = 12 * layers * d * d + 2 * vocab * d
-    return 6 * (params + 2 * layers * block * d) * tokens / flops_per_second
+    return per_token * tokens / flops_per_second
 
 
 def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
@@ -138,24 +137,27 @@ def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
     return plans
 
 
-def measured_flops(threads: int) -> float:
-    """Float32 matmul FLOP/s of this machine at `threads` threads, times the share of it a
-    training step reaches (measured on small models on CPU, see docs/studies.md)."""
+def training_flops(threads: int) -> float:
+    """The FLOP/s a training run with `threads` threads reaches on this machine, estimated as one
+    core's float32 matmul rate (the best of 30 products, so that other processes on the machine
+    count little) x threads x TRAINING_EFFICIENCY."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    start, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
+    best = math.inf
+    for _ in range(30):
+        start = time.perf_counter()
         a @ b
-    rate = 2 * 512**3 * repeats / (time.perf_counter() - start)
+        best = min(best, time.perf_counter() - start)
     torch.set_num_threads(previous)
-    return rate * TRAINING_EFFICIENCY
+    return 2 * 512**3 / best * threads * TRAINING_EFFICIENCY
 
 
-TRAINING_EFFICIENCY = 0.3
+# Training FLOP/s over one core's matmul FLOP/s x threads on CPU: 0.26 for Llama 122M at 131 tok/s
+# on 2 idle cores (docs/speed.md) with 170 GFLOP/s per core; small models reach less (~0.03 at 64 x 2).
+TRAINING_EFFICIENCY = 0.25
 
 
 def study_dir(study: Study, root: Path, resume: str | None) -> Path:
@@ -343,7 +345,7 @@ class Driver:
 def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int) -> str:
     """The arms x seeds plan, as printed by --dry-run."""
     rows = [
-        "| arm | config | starts from | tokens/step | steps | tokens | est. time per run |",
+        "| arm | config | starts from | tokens/step | steps | tokens | est. time per run here |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, arm in study.arms.items():
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
         study = load_study(args.config, args.size, args.seeds)
         threads = max(1, (os.cpu_count() or 1) // args.parallel)
-        plans = plan(study, measured_flops(threads))
+        plans = plan(study, training_flops(threads))
         if args.dry_run:
             print(dry_run(study, plans, args.parallel))
             return None
