@@ -2,6 +2,7 @@
 table, the speed keys' validation. Tests that need CUDA are skipped without it."""
 
 import importlib.util
+import os
 import shutil
 import warnings
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from callbacks import TokenThroughputMonitor
 from callbacks.peak_flops import gpu_peak, peak_flops
@@ -307,3 +308,19 @@ def test_collate_runs_on_one_thread_and_gives_the_threads_back():
     finally:
         torch.set_num_threads(before)
     assert batch["input_ids"].shape == (4, 16)
+
+
+def test_fsdp_export_gathers_the_shards_into_a_plain_hf_model(tmp_path):
+    """Two CPU ranks (gloo) shard a tiny Llama with FSDP; rank 0 writes hf_model/ from the
+    gathered state dict, which must be the unsharded model's."""
+    from tests.fsdp_export import build, rank_main
+
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.start_processes(
+        rank_main, args=(port, str(tmp_path / "hf_model")), nprocs=2, start_method="fork"
+    )
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    expected = build().model.state_dict()
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(exported[name], value), name
