@@ -184,3 +184,38 @@ def markdown_table(rows: list[tuple[str, str, str]]) -> str:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def save_tiny_hf_model(
+    folder, objective: str, max_positions: int = 256, hidden_size: int = 32, num_layers: int = 2, heads: int = 4
+):
+    """A random transformers model (Llama for "causal", BERT for "mlm"; 2 layers of 32 by default)
+    and a small BPE tokenizer trained on the built-in corpus, saved as an `hf_model/` folder: the
+    evaluation benchmarks time suites on it at a larger shape, the tests use it as a fixture."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from datamodules.corpus import BuiltinCorpus
+    from datamodules.tokenizer import framed_like_training, train_bpe
+
+    torch.manual_seed(0)
+    tokenizer = train_bpe(BuiltinCorpus(0).documents(60), vocab_size=300)
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    shape = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 2 * hidden_size,
+        "max_position_embeddings": max_positions,
+    }
+    if objective == "causal":
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **ids, **shape))
+    else:
+        model = AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", type_vocab_size=1, **ids, **shape))
+    model.save_pretrained(folder)
+    framed_like_training(tokenizer, objective).save_pretrained(folder)  # as ExportCallback saves it
+    return folder

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, median_time, quiet, verdict
+from benchmarks.common import markdown_table, median_time, quiet, save_tiny_hf_model, verdict
 from datamodules.corpus import BuiltinCorpus
 from evaluation import blimp, needle
 from evaluation.model import LoadedModel, load_model
 from evaluation.scoring import answers, pseudo_log_likelihoods
-from tests.conftest import save_tiny_hf_model
 
 BLIMP = Path(__file__).parents[1] / "../shared/data/blimp"
 

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from benchmarks.common import CpuContention, markdown_table, quiet, step_timer, verdict
-from datamodules import FineTuneDataModule, MEAPSFT, PlainSFT
+from datamodules import MEAPSFT, FineTuneDataModule, PlainSFT
 from datamodules.finetune import SFTCollator
 from lightning_modules import CausalLMModule
 
@@ -36,6 +36,9 @@ POLICIES = {
     "MEAP concat": MEAPSFT(),
     "MEAP separate_rows": MEAPSFT(layout="separate_rows"),
 }
+for _policy in POLICIES.values():
+    if _policy.uses_ratio:
+        _policy.ratio = _policy.default_ratio  # what data.mask_ratio defaults to (MEAP: 0.10)
 
 
 def main(argv: list[str] | None = None) -> None:

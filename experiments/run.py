@@ -38,6 +38,7 @@ from lightning_modules import LanguageModelModule
 # Lightning's warning that a mid-epoch resume is unreliable does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
+TRAINER_DEFAULTS = Path(__file__).parent / "configs" / "trainers" / "default.yaml"
 RUN_VERSION_ENV = "MASKLAB_RUN_VERSION"  # hands the run dir chosen by rank 0 to the DDP workers it launches
 
 
@@ -177,6 +178,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
                     ExportCallback(),
                 ]
             },
+            parser_kwargs={"default_config_files": [str(TRAINER_DEFAULTS)]},  # what every experiment starts from
             run=False,
             args=args,
         )

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from benchmarks.common import save_tiny_hf_model
 from datamodules.masking import Vocab
+
+# One thread per test process (and per run a test starts): with `pytest -n`, workers that each
+# take every core wait for each other, and a busy machine makes that much worse (issue 13).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
 FULL_STOP = 10  # a regular token that ends sentences
@@ -68,41 +76,6 @@ TINY = [
 def tiny_args(tmp_path) -> list[str]:
     """Overrides that make any shipped config train in seconds, writing under tmp_path."""
     return [*TINY, "--runs_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]
-
-
-def save_tiny_hf_model(
-    folder, objective: str, max_positions: int = 256, hidden_size: int = 32, num_layers: int = 2, heads: int = 4
-):
-    """A random transformers model (Llama for "causal", BERT for "mlm"; 2 layers of 32 by default)
-    and a small BPE tokenizer trained on the built-in corpus, saved as an `hf_model/` folder.
-    Also used by benchmarks/evaluation.py, with a larger shape."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    from datamodules.corpus import BuiltinCorpus
-    from datamodules.tokenizer import framed_like_training, train_bpe
-
-    torch.manual_seed(0)
-    tokenizer = train_bpe(BuiltinCorpus(0).documents(60), vocab_size=300)
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    shape = {
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "intermediate_size": 2 * hidden_size,
-        "max_position_embeddings": max_positions,
-    }
-    if objective == "causal":
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **ids, **shape))
-    else:
-        model = AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", type_vocab_size=1, **ids, **shape))
-    model.save_pretrained(folder)
-    framed_like_training(tokenizer, objective).save_pretrained(folder)  # as ExportCallback saves it
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,8 @@ def test_every_shipped_config_runs(config, tiny_args, tmp_path):
     if TEACHER in text:  # distillation / teacher entropy: train a tiny teacher with the same tokenizer first
         main(["--config", "experiments/configs/mlm_random.yaml", *tiny_args, "--trainer.max_steps", "2"])
         config = tmp_path / config.name
-        config.write_text(text.replace(TEACHER, str(tmp_path / TEACHER)))
+        models = Path("experiments/configs/models").resolve()  # the copy's relative model path must still resolve
+        config.write_text(text.replace(TEACHER, str(tmp_path / TEACHER)).replace(": models/", f": {models}/"))
     main(["--config", str(config), *tiny_args, "--trainer.max_steps", "2"])
     assert (tmp_path / "runs" / config.stem / "version_0" / "hf_model" / "config.json").exists()
 
