@@ -26,18 +26,22 @@ SMALL_SUITES = {
 def trained_run(tmp_path_factory) -> Path:
     """A tiny NTP run trained for 4 steps with the suites evaluated every 2 steps and at the end."""
     tmp = tmp_path_factory.mktemp("trained")
-    config = yaml.safe_load(Path("experiments/configs/ntp.yaml").read_text())
-    config["trainer"]["callbacks"] = [
+    callbacks = [
         {"class_path": "callbacks.EvaluationCallback", "init_args": {"suites": SMALL_SUITES, "every_n_steps": 2}}
     ]
-    config["model"]["init_args"]["max_position_embeddings"] = 256
-    (tmp / "ntp_eval.yaml").write_text(yaml.safe_dump(config))
+    (tmp / "small_suites.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     from tests.conftest import TINY
 
     train(
         [
             "--config",
-            str(tmp / "ntp_eval.yaml"),
+            "experiments/configs/ntp.yaml",
+            "--config",
+            str(tmp / "small_suites.yaml"),  # replaces ntp.yaml's evaluation callback
+            "--experiment",
+            "ntp_eval",
+            "--model.init_args.max_position_embeddings",
+            "256",
             *TINY,
             "--runs_dir",
             str(tmp / "runs"),
