@@ -1,6 +1,7 @@
 """Smoke test of `python -m benchmarks.gpu` at the tiny shape (no timing assertions)."""
 
 import pytest
+import torch
 
 from benchmarks import gpu
 
@@ -36,3 +37,23 @@ def test_mfu_uses_the_given_peak(capsys):
         f"| MFU, Lightning Trainer | {trainer.flops_per_step / trainer.step_seconds / 1e9:.1%} of 0.001 TFLOP/s |"
         in capsys.readouterr().out
     )
+
+
+def test_suite_runs_every_row_at_the_tiny_shape_and_prints_one_table(capsys):
+    table = gpu.main([*TINY, "--suite"])
+    assert [cells[0] for cells in table] == [name for name, _ in gpu.SUITE]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("CPU; torch ") and " UTC" in out.splitlines()[0]
+    assert "| row | Trainer tok/s | MFU |" in out
+    ran = {cells[0]: cells for cells in table}
+    assert float(ran["134m NTP, B=16, eager"][1].replace(",", "")) > 0  # Trainer tokens/s
+    assert float(ran["DeBERTa-v2 MLM, 64 x 512, SDPA"][4]) > 0  # masklab / transformers' loss
+    assert ran["134m NTP, B=16, clip 1.0, fused AdamW"][1] != ""  # clipping with fused AdamW trains
+    if not torch.cuda.is_available():
+        assert ran["134m NTP, B=16, Liger"][1] == "n/a: Liger Kernel needs a CUDA GPU"
+
+
+def test_suite_stops_starting_rows_once_the_budget_is_spent():
+    table = gpu.main([*TINY, "--suite", "--budget", "0"])
+    assert table[0][1] != "" and not table[0][1].startswith("skipped")  # the first row always runs
+    assert all(cells[1].startswith(("skipped: --budget", "n/a")) for cells in table[1:])
