@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from evaluation.suites import suite_module
 from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study
 
 OUTCOME = "outcome.json"  # written into <study>/runs/<arm>/seed_<S>/ when the run is over, ok or failed
+TRAINED = "trained.json"  # written there when its training process ended well, with the model exported
 
 
 @dataclass(frozen=True)
@@ -223,11 +225,6 @@ def newest_version(experiment: Path) -> Path | None:
     return versions[-1] if versions else None
 
 
-def trained(run: Path | None) -> bool:
-    """The run finished training: its final model and validation are written."""
-    return run is not None and (run / "hf_model").is_dir() and (run / "metrics.json").is_file()
-
-
 class Driver:
     """Runs the study's jobs (arm, seed); a job waits for the run its arm starts from."""
 
@@ -236,6 +233,7 @@ class Driver:
         self.threads = max(1, (os.cpu_count() or 1) // parallel)
         self.parallel = parallel
         self.done = 0
+        self.lock = threading.Lock()  # progress lines come from the pool's threads
 
     def experiment(self, arm: str, seed: int) -> Path:
         return self.folder / "runs" / arm / f"seed_{seed}"
@@ -266,8 +264,9 @@ class Driver:
         return outcome
 
     def progress(self, total: int, message: str) -> None:
-        self.done += 1
-        print(f"[{self.done}/{total}] {message}", flush=True)
+        with self.lock:
+            self.done += 1
+            print(f"[{self.done}/{total}] {message}", flush=True)
 
     def execute(self, arm_name: str, seed: int, experiment: Path, parent: Outcome | None) -> Outcome:
         arm, plan_ = self.study.arms[arm_name], self.plans[arm_name]
@@ -275,8 +274,12 @@ class Driver:
         if parent is not None and parent.status != "ok":
             outcome.error = f"the run it starts from ({parent.arm} seed {seed}) failed"
             return outcome
-        run = newest_version(experiment)
-        if not trained(run):
+        trained = experiment / TRAINED
+        if trained.is_file():  # trained before, then stopped or failed in evaluation
+            done = json.loads(trained.read_text())
+            run, outcome.train_s = Path(done["run_dir"]), done["train_s"]
+        else:
+            run = newest_version(experiment)
             command = [
                 sys.executable,
                 "-m",
@@ -301,14 +304,15 @@ class Driver:
                     parent.run_dir,
                 ]
             if run is not None and (run / "checkpoints" / "last.ckpt").is_file():
-                command += ["--ckpt_path", "last"]
+                command += ["--ckpt_path", "last"]  # an interrupted run continues into its own directory
             start = time.perf_counter()
             code = launch(command, experiment / "train.log", self.threads)
             outcome.train_s = time.perf_counter() - start
             run = newest_version(experiment)
-            if code != 0 or not trained(run):
+            if code != 0 or run is None or not (run / "hf_model").is_dir():
                 outcome.error = f"training: {failure(experiment / 'train.log')} (log: {experiment / 'train.log'})"
                 return outcome
+            trained.write_text(json.dumps({"run_dir": str(run), "train_s": outcome.train_s}) + "\n")
         outcome.run_dir = str(run)
         if arm.compare and self.study.suites:
             start = time.perf_counter()

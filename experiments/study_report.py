@@ -158,8 +158,10 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dict[str, int]):
     """train/loss and val/loss against tokens: the mean over seeds, and the band from the lowest to
-    the highest seed, per arm."""
+    the highest seed, per arm; None when no run has logged them."""
     runs = {r.run_dir: scalars(r.run_dir) for r in results if r.status == "ok" and r.run_dir}
+    if not any(tag in run for run in runs.values() for tag in CURVES):
+        return None
     figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
     for ax, tag in zip(axes, CURVES):
         for i, arm in enumerate(study.compared):
@@ -234,6 +236,7 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
                 np.array(positions) + offset, means, yerr=errors, marker="o", capsize=4, color=f"C{i}", label=arm
             )
         ax.set_xticks(positions)
+        ax.set_xlim(positions[0] - 0.5, positions[-1] + 0.5)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("position of the gold item (1 = first)")
         ax.set_ylabel("accuracy")
@@ -261,7 +264,9 @@ def needle_heatmaps(study: Study, results: list[RunResult]):
             grids[arm] = (np.mean([f["exact_match"] for f in found], axis=0), found[0], len(found))
     if not grids:
         return None
-    figure, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1.5, 4.2), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(grids), figsize=(3.6 * len(grids) + 1.5, 4.4), squeeze=False, sharey=True, layout="constrained"
+    )
     for ax, (arm, (grid, details, n)) in zip(axes[0], grids.items()):
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (row, col), value in np.ndenumerate(grid):
@@ -269,8 +274,8 @@ def needle_heatmaps(study: Study, results: list[RunResult]):
         ax.set_xticks(range(len(details["lengths"])), [str(n_) for n_ in details["lengths"]])
         ax.set_yticks(range(len(details["depths"])), [f"{100 * d:.0f}%" for d in details["depths"]])
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
         ax.set_title(f"{arm}: mean of {n} seed(s)")
+    axes[0][0].set_ylabel("needle depth")
     figure.colorbar(image, ax=list(axes[0]), label="exact match")
     figure.suptitle("needle in a haystack: exact match by depth and length")
     return figure

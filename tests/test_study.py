@@ -112,6 +112,9 @@ def fake_run(folder: Path, arm: str, seed: int, metrics: dict) -> Outcome:
     run = folder / "runs" / arm / f"seed_{seed}" / "version_0"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "eval").mkdir()
+    needle = {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "exact_match": [[seed / 3, 1.0]] * 3}
+    (run / "eval" / "needle.json").write_text(json.dumps(needle))
     return Outcome(arm, seed, "ok", str(run), train_s=10.0, eval_s=2.0, tokens=512)
 
 
@@ -120,7 +123,7 @@ def test_report_on_hand_made_metrics(tmp_path):
         write_study(
             tmp_path,
             seeds=3,
-            evaluate={"suites": ["retrieval"]},
+            evaluate={"suites": ["retrieval", "needle"]},
             metrics={"eval/retrieval/acc": "higher", "val/loss": "lower"},
         )
     )
@@ -146,9 +149,9 @@ def test_report_on_hand_made_metrics(tmp_path):
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["arm"], r["seed"], r["status"]) for r in rows][-2:] == [("meap", "2", "ok"), ("meap", "3", "failed")]
     assert rows[4]["eval/retrieval/acc"] == "3.1" and rows[0]["tokens_seen"] == "512"
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "learning_curves.png",
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [  # no TensorBoard events: no learning curves
         "metrics.png",
+        "needle.png",
         "retrieval_by_position.png",
     ]
 
@@ -189,26 +192,30 @@ def test_a_failing_arm_is_reported_and_the_others_finish(tmp_path, monkeypatch):
     assert len(calls) == 4  # ntp x 2, meap x 2; sft never started
 
 
-def test_resume_skips_finished_runs_and_continues_an_interrupted_one(tmp_path, monkeypatch):
-    arms = {"ntp": {"config": NTP}, "sft": {"config": NTP, "init_from": "ntp"}}
-    study = load_study(write_study(tmp_path, arms=arms))
+def test_resume_skips_finished_runs_and_continues_interrupted_ones(tmp_path, monkeypatch):
+    arms = {"ntp": {"config": NTP, "compare": False}, "sft": {"config": NTP, "init_from": "ntp"}}
+    study = load_study(write_study(tmp_path, arms=arms, baseline="sft", evaluate={"suites": ["ppl"]}))
     calls: list = []
     monkeypatch.setattr(driver, "launch", fake_launch(calls))
     Driver(study, fake_plans(study), tmp_path, parallel=2).run_all()
-    assert len(calls) == 4
-    # seed 1 of sft was interrupted: no outcome, a checkpoint but no exported model
+    assert len(calls) == 6  # ntp x 2 trained; sft x 2 trained and evaluated
+    # sft seed 1 was interrupted in training: no outcome, a checkpoint, no exported model
     experiment = tmp_path / "runs" / "sft" / "seed_1"
-    (experiment / "outcome.json").unlink()
+    for name in ("outcome.json", "trained.json"):
+        (experiment / name).unlink()
     (experiment / "version_0" / "hf_model").rmdir()
     (experiment / "version_0" / "checkpoints").mkdir()
     (experiment / "version_0" / "checkpoints" / "last.ckpt").write_text("")
+    # sft seed 0 trained but was stopped in evaluation
+    (tmp_path / "runs" / "sft" / "seed_0" / "outcome.json").unlink()
     calls.clear()
     outcomes = Driver(study, fake_plans(study), tmp_path, parallel=1).run_all()
     assert all(o.status == "ok" for o in outcomes)
-    assert len(calls) == 1 and calls[0][calls[0].index("--experiment") + 1] == "sft/seed_1"
-    assert calls[0][-2:] == ["--ckpt_path", "last"]
+    assert [c[2] for c in calls] == ["experiments.evaluate", "experiments.run", "experiments.evaluate"]
+    assert calls[0][calls[0].index("--run") + 1] == str(tmp_path / "runs" / "sft" / "seed_0" / "version_0")
+    assert calls[1][calls[1].index("--experiment") + 1] == "sft/seed_1" and calls[1][-2:] == ["--ckpt_path", "last"]
     parent = str(tmp_path / "runs" / "ntp" / "seed_1" / "version_0")
-    assert calls[0][calls[0].index("--model.init_args.init_from") + 1] == parent
+    assert calls[1][calls[1].index("--model.init_args.init_from") + 1] == parent
 
 
 def test_evaluation_draws_with_the_run_seed_and_the_study_args_come_last(tmp_path):
