@@ -72,4 +72,11 @@ def dense_head_loss(weight: Tensor, hidden: Tensor, labels: Tensor) -> tuple[Ten
     return loss, logits.argmax(-1)
 
 
-compiled_dense_head_loss = torch.compile(dense_head_loss, dynamic=False)
+@cache
+def _compiled_dense_head_loss():
+    return torch.compile(dense_head_loss, dynamic=False)
+
+
+def compiled_dense_head_loss(weight: Tensor, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """`dense_head_loss`, compiled on first use (importing the compiler costs seconds)."""
+    return _compiled_dense_head_loss()(weight, hidden, labels)

@@ -258,7 +258,9 @@ def test_compiled_dense_loss_gives_the_default_loss_accuracy_and_gradients():
     compiled.load_state_dict(plain.state_dict())
     ids, mask = toy_batch()  # padded first row: labels -100 there
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    torch._dynamo.reset()
     want, got = loss_and_grads(plain, batch), loss_and_grads(compiled, batch)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the loss was compiled
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(got[2], want[2])
     for g, w in zip(got[1], want[1]):
