@@ -158,15 +158,14 @@ def save_results(
 
 def report_text(out_dir: Path) -> str:
     """Every group evaluated into `out_dir` so far: a headline table, then each group's section."""
-    groups = {p.stem for p in out_dir.glob("*.md")} - {"report"}
-    done = sorted(
-        groups, key=lambda g: (list(SUITES).index(g.split("@")[0]) if g.split("@")[0] in SUITES else len(SUITES), g)
-    )
+    suite_of = lambda group: group.split("@")[0]
+    groups = [p.stem for p in out_dir.glob("*.md") if suite_of(p.stem) in SUITES and p.with_suffix(".json").is_file()]
+    done = sorted(groups, key=lambda g: (list(SUITES).index(suite_of(g)), g))
     headline = [
-        (suite, *next(iter(json.loads((out_dir / f"{suite}.json").read_text())["metrics"].items()))) for suite in done
+        (group, *next(iter(json.loads((out_dir / f"{group}.json").read_text())["metrics"].items()))) for group in done
     ]
-    rows = [f"| {suite} | {name} | {value:.4g} |" for suite, name, value in headline]
-    sections = [(out_dir / f"{suite}.md").read_text() for suite in done]
+    rows = [f"| {group} | {name} | {value:.4g} |" for group, name, value in headline]
+    sections = [(out_dir / f"{group}.md").read_text() for group in done]
     return "\n".join(
         ["# Evaluation", "", "| suite | headline metric | value |", "| --- | --- | --- |", *rows, "", *sections]
     )
