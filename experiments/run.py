@@ -3,26 +3,30 @@
 Any key is overridable on the command line (``--trainer.max_steps 50 --data.mask_ratio 0.2``);
 ``--print_config`` shows the resolved config. A run writes ``runs/<experiment>/version_<n>/``:
 ``config.yaml``, TensorBoard events, ``checkpoints/`` (last + best), ``hf_model/`` and
-``metrics.json``. ``--ckpt_path <run dir>/checkpoints/last.ckpt`` (or ``last``) resumes a run
-into its own directory.
+``metrics.json``, and ``status.json`` (how the run ended). ``--ckpt_path last`` resumes the newest
+unfinished run into its own directory; docs/reliability.md lists what each fault leaves behind.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+import experiments.quiet  # noqa: F401  (installs the filters of what a user cannot act on)
 from callbacks import (
     ExportCallback,
     MaskRatioLogger,
@@ -30,8 +34,20 @@ from callbacks import (
     update_metrics_json,
 )
 from callbacks.export import scalar_metrics
+from callbacks.fault_tolerance import InterruptCheckpoint, NonFiniteLossGuard
 from callbacks.policy_driver import compatibility_errors
+from callbacks.progress import ProgressLine
 from core.errors import ConfigError, MasklabError
+from datamodules.tokenizer import SPECIAL_TOKENS, default_to_init_tokenizer
+from experiments.cli_errors import one_line
+from experiments.run_dir import (
+    FINISHED,
+    RUN_VERSION_ENV,
+    RunDirSnapshot,
+    checkpoint_errors,
+    resolve_run,
+    write_status,
+)
 from lightning_modules import LanguageModelModule
 
 # Our sampler skips the batches an interrupted epoch consumed (see ResumableSampler), so
@@ -39,7 +55,55 @@ from lightning_modules import LanguageModelModule
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 TRAINER_DEFAULTS = Path(__file__).parent / "configs" / "trainers" / "default.yaml"
-RUN_VERSION_ENV = "MASKLAB_RUN_VERSION"  # hands the run dir chosen by rank 0 to the DDP workers it launches
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte and masklab's special tokens
+
+HELP = """\
+masklab: train one experiment from a config; any key below can be overridden on the command line:
+  python -m experiments.run --config experiments/configs/quickstart.yaml --trainer.max_steps 50
+
+masklab's keys most often changed:
+  --data.masking CLASS          the masking policy, e.g. datamodules.MEAPInputMask, datamodules.RandomMLMMask
+  --data.mask_ratio R           share of tokens the policy masks
+  --data.block_size N           tokens per training sequence
+  --data.batch_size N           sequences per batch
+  --data.vocab_size N           BPE vocabulary trained on the corpus (>= 263)
+  --data.data_path PATH         a text file or folder (default: the built-in offline corpus)
+  --model.hidden_size N         also --model.num_layers N, --model.num_heads N
+  --model.optimizer.lr LR       also --model.optimizer.warmup_steps N
+  --trainer.max_steps N         also --trainer.val_check_interval N
+  --ckpt_path last|DIR|FILE     resume the newest unfinished run, a run dir, or a checkpoint
+  --threads N                   CPU threads (default: the cores not already busy)
+  --progress.every_n_steps N    a progress line every N steps when stdout is not a terminal
+  --experiment NAME, --runs_dir DIR   runs go to DIR/NAME/version_<n>/
+
+Every key of a class, with its default and meaning:
+  --data.help datamodules.PretrainingDataModule     (datamodules.FineTuneDataModule for SFT)
+  --data.masking.help datamodules.MEAPInputMask     (any policy class; after --config)
+  --model.help lightning_modules.CausalLMModule     (lightning_modules.MaskedLMModule for encoders)
+docs/running.md explains them; Lightning's own flags (--trainer.*, --checkpoint.*) follow.
+"""
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of the masklab section at the top of `--help`."""
+
+
+def default_threads() -> int:
+    """The cores this process may use, less those already busy (the 1-minute load average): PyTorch
+    otherwise starts one thread per core, and on a busy machine its threads wait for each other."""
+    return max(1, len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]))
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads`, else OMP_NUM_THREADS when the user set it (PyTorch already follows it), else
+    `default_threads()`."""
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads or default_threads())
+    if rank_zero_only.rank == 0:
+        print(f"threads: {torch.get_num_threads()} of {os.cpu_count()} cores (--threads N to change)")
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -51,37 +115,6 @@ class SaveRunConfig(SaveConfigCallback):
             resumes = len(list(Path(trainer.log_dir).glob("config.resume-*.yaml")))
             self.config_filename = f"config.resume-{resumes + 1}.yaml"
         super().setup(trainer, pl_module, stage)
-
-
-def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> tuple[int | None, str | None]:
-    """The version directory this run logs into, and the checkpoint to resume from. None on the
-    ranks > 0 of a run started by an external launcher (torchrun, SLURM's srun): rank 0 claims the
-    directory and the trainer hands it to the others (`trainer.log_dir` is a broadcast)."""
-    root = runs_dir / experiment
-    if ckpt_path == "last":
-        candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise ConfigError(f"ckpt_path=last: no {root}/version_*/checkpoints/last.ckpt to resume from")
-        ckpt_path = str(candidates[-1])
-    if ckpt_path:
-        ckpt = Path(ckpt_path)
-        if not ckpt.is_file():
-            raise ConfigError(f"ckpt_path: {ckpt_path!r} is not a checkpoint file")
-        version_dir = ckpt.resolve().parent.parent
-        if version_dir.name.startswith("version_") and version_dir.parent == root.resolve():
-            return int(version_dir.name.removeprefix("version_")), ckpt_path
-    if RUN_VERSION_ENV in os.environ:
-        return int(os.environ[RUN_VERSION_ENV]), ckpt_path
-    if rank_zero_only.rank != 0:  # read by Lightning from the launcher's RANK / SLURM_PROCID
-        return None, ckpt_path
-    root.mkdir(parents=True, exist_ok=True)
-    version = 0
-    while True:  # mkdir claims the number, so two runs started together never share a directory
-        try:
-            (root / f"version_{version}").mkdir()
-            return version, ckpt_path
-        except FileExistsError:
-            version += 1
 
 
 class MasklabCLI(LightningCLI):
@@ -97,10 +130,18 @@ class MasklabCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help="Resume from this checkpoint, or 'last': the newest last.ckpt of this experiment.",
+            help="Resume from this checkpoint, a run dir (its checkpoints/last.ckpt), or 'last': the newest "
+            "last.ckpt of an unfinished run of this experiment. A finished run's checkpoint starts a new run dir.",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="CPU threads for PyTorch. Default: OMP_NUM_THREADS if set, else the cores not already busy.",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(ProgressLine, "progress")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -119,13 +160,35 @@ class MasklabCLI(LightningCLI):
         config = self.config
         module_name, class_name = config.data.class_path.rsplit(".", 1)
         data_class = getattr(importlib.import_module(module_name), class_name)
-        if errors := getattr(data_class, "config_errors", lambda **_: [])(**config.data.init_args):
+        default_to_init_tokenizer(config.data.get("init_args"), config.model.get("init_args"))
+        errors = getattr(data_class, "config_errors", lambda **_: [])(**config.data.init_args)
+        for key in ("max_steps", "max_epochs"):
+            if config.trainer.get(key) == 0:
+                errors.append(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
+        vocab_size = config.data.init_args.get("vocab_size")
+        if vocab_size and not config.data.init_args.get("tokenizer_path") and vocab_size < MIN_BPE_VOCAB:
+            errors.append(
+                f"data.vocab_size={vocab_size} is below {MIN_BPE_VOCAB}, the smallest byte-level BPE "
+                f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        if errors:
             raise ConfigError(errors)
+        set_threads(config.threads)
         if config.experiment is None:
             config_files = config.get("config") or []
             config.experiment = Path(str(config_files[0])).stem if config_files else "default"
-        self.run_version, config.ckpt_path = resolve_run(Path(config.runs_dir), config.experiment, config.ckpt_path)
+        resolved = resolve_run(Path(config.runs_dir), config.experiment, config.ckpt_path)
+        self.run_version, config.ckpt_path = resolved.version, resolved.ckpt_path
         self.run_dir = Path(config.runs_dir) / config.experiment / f"version_{self.run_version}"
+        self.snapshot = RunDirSnapshot.take(self.run_dir, resolved.claimed, resolved.made_from)
+        if resolved.note and rank_zero_only.rank == 0:
+            print(resolved.note)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(one_line(str(err), list(parser._option_string_actions))) from err
 
     def instantiate_classes(self) -> None:
         try:
@@ -135,9 +198,10 @@ class MasklabCLI(LightningCLI):
             raise
 
     def release_run_dir(self) -> None:
-        """Give back the version directory of a run that failed before writing anything."""
-        if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-            self.run_dir.rmdir()
+        """Undo what a run that failed before its first training step wrote: a new version directory
+        is removed (its number is free again), a resumed one is left as it was."""
+        if rank_zero_only.rank == 0:
+            self.snapshot.restore()
 
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
@@ -162,6 +226,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
     # up to 10x slower; flushing them to zero keeps CPU training at full speed (no effect on GPU).
     torch.set_flush_denormal(True)
     claimed_version = RUN_VERSION_ENV not in os.environ
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after an interrupt; give it back after
     try:
         cli = MasklabCLI(
             LanguageModelModule,
@@ -176,23 +241,35 @@ def main(args: list[str] | None = None) -> MasklabCLI:
                     LearningRateMonitor(logging_interval="step"),
                     MaskRatioLogger(),
                     ExportCallback(),
+                    InterruptCheckpoint(),
+                    NonFiniteLossGuard(),
                 ]
             },
-            parser_kwargs={"default_config_files": [str(TRAINER_DEFAULTS)]},  # what every experiment starts from
+            parser_kwargs={
+                "default_config_files": [str(TRAINER_DEFAULTS)],  # what every experiment starts from
+                "exit_on_error": False,  # parse errors become one line below, not a usage dump
+                "usage": "python -m experiments.run --config CONFIG [--KEY VALUE ...]",
+                "description": HELP,
+                "formatter_class": HelpFormatter,
+            },
             run=False,
             args=args,
         )
         if errors := compatibility_errors(cli.model, cli.datamodule, cli.trainer.callbacks):
             cli.release_run_dir()
             raise ConfigError(errors)
+        if cli.config.ckpt_path and (errors := checkpoint_errors(cli.config.ckpt_path, cli.model)):
+            cli.release_run_dir()
+            raise ConfigError(errors)
         if cli.run_version is not None:
             os.environ[RUN_VERSION_ENV] = str(cli.run_version)
         trainer = cli.trainer
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        fit(cli)
         final = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
         run_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and final:
             metrics = update_metrics_json(Path(run_dir) / "metrics.json", scalar_metrics(final[0]))
+            write_status(Path(run_dir), FINISHED, trainer.global_step)
             print(f"run dir: {run_dir}\nfinal: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         return cli
     except Exception as err:
@@ -200,10 +277,39 @@ def main(args: list[str] | None = None) -> MasklabCLI:
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(cause, "exit_code", 2))
     finally:
+        signal.signal(signal.SIGINT, sigint)
         if claimed_version:
             os.environ.pop(RUN_VERSION_ENV, None)
+
+
+def fit(cli: MasklabCLI) -> None:
+    """`trainer.fit`, recording in the run dir how it ended when it did not finish: a session that
+    trained at least one step gets `status.json` (interrupted or failed, at which step); one that
+    failed before that leaves the run dir as it found it."""
+    trainer = cli.trainer
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    except BaseException as err:
+        if not trainer.is_global_zero:
+            raise
+        guard = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))  # Lightning turns Ctrl-C into exit(1)
+        if not guard.trained(trainer):
+            cli.release_run_dir()
+            if interrupted:
+                print("interrupted before the first training step: nothing to keep", file=sys.stderr)
+                raise SystemExit(130) from None
+            raise
+        step = trainer.global_step
+        message = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {err}".splitlines()[0]
+        write_status(cli.run_dir, "interrupted" if interrupted else "failed", step, message)
+        if interrupted:
+            saved = Path(guard.ckpt_path)
+            print(f"interrupted at step {step}: saved {saved}; resume with --ckpt_path last", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """End to end through the entry point, as a user runs it."""
 
+import importlib
+import inspect
 import json
+import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from experiments.run import main
+from datamodules import PretrainingDataModule
+from experiments.run import default_threads, main, set_threads
+from lightning_modules import CausalLMModule
+from lightning_modules.base import OptimizerConfig
 
 CONFIGS = sorted(Path("experiments/configs").glob("*.yaml"))
 REQUIRED_TAGS = {"train/loss", "val/loss", "val/ppl", "mask/share", "perf/tokens_per_sec"}
@@ -201,10 +209,58 @@ def test_a_folder_of_real_text_trains_like_the_builtin_corpus(tiny_args, tmp_pat
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
 
-def test_unknown_config_key_is_named(tiny_args, capsys):
-    with pytest.raises(SystemExit):
-        run("mlm_random", tiny_args, "--data.mask_ration", "0.2")
-    assert "mask_ration" in capsys.readouterr().err
+def test_help_starts_with_masklab_keys_that_exist(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "usage: python -m experiments.run --config CONFIG [--KEY VALUE ...]"
+    top = "\n".join(lines[:30])
+    assert {"--data.mask_ratio", "--data.block_size", "--model.hidden_size", "--threads"} <= set(top.split())
+    data_keys = inspect.signature(PretrainingDataModule).parameters
+    model_keys = {
+        *inspect.signature(CausalLMModule).parameters,
+        *(f"optimizer.{f.name}" for f in fields(OptimizerConfig)),
+    }
+    for group, key in re.findall(r"--(data|model)\.([\w.]+)", top):
+        if not key.endswith("help"):
+            assert key in (data_keys if group == "data" else model_keys), f"--{group}.{key} in --help is no key"
+    for class_path in re.findall(r"--[\w.]+\.help ([\w.]+)", top):  # every class the help points to exists
+        module, name = class_path.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name), class_path
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+    assert default_threads() == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_finished_runs_checkpoint_continues_in_a_new_run_dir(tiny_args, tmp_path, capsys):
+    run("quickstart", tiny_args, "--trainer.max_steps", "2")
+    finished_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    before = {p: p.read_bytes() for p in finished_dir.rglob("*") if p.is_file()}
+    run("quickstart", tiny_args, "--trainer.max_steps", "4", "--ckpt_path", str(finished_dir))
+    new_dir = tmp_path / "runs" / "quickstart" / "version_1"
+    assert (
+        f"continuing from the finished run's checkpoint {finished_dir}/checkpoints/last.ckpt in a new run dir {new_dir}"
+        in capsys.readouterr().out
+    )
+    assert {p: p.read_bytes() for p in finished_dir.rglob("*") if p.is_file()} == before
+    assert torch.load(new_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert json.loads((new_dir / "status.json").read_text()) | {"time": None} == {
+        "status": "finished",
+        "step": 4,
+        "time": None,
+    }
 
 
 def test_error_from_the_command_line_has_no_traceback(tmp_path):

@@ -1,0 +1,66 @@
+"""Turn jsonargparse's nested parse errors into one line that names the key, with the closest valid key.
+
+jsonargparse reports a bad key inside a subclass (`--data.mask_ration`) as a tree of "Parser key"
+and "class_path" lines; the user needs only the innermost problem and where it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+
+_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
+_CLASS = re.compile(r"^- Problem with given class_path '([^']+)':$")
+_OPTION = re.compile(r"^Option '([^']+)' is not accepted$")
+_UNRECOGNIZED = re.compile(r"^[Uu]nrecognized arguments: (\S+)")
+_NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The keyword arguments of the class a key belongs to (its valid keys)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return [name for name in inspect.signature(cls).parameters if name not in ("self", "args", "kwargs")]
+
+
+def _closest(word: str, candidates: list[str], prefix: str) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def one_line(message: str, option_strings: list[str]) -> str:
+    """`message` (a jsonargparse ArgumentError) as one line. `option_strings` are the parser's
+    top-level options, for suggestions when an unknown top-level key is given."""
+    if found := _UNRECOGNIZED.match(message.strip()):
+        option = found.group(1)
+        option = option.removeprefix("--")
+        names = [o.removeprefix("--") for o in option_strings if o.startswith("--")]
+        return f"unknown key {option}{_closest(option, names, '')}"
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing "Parser key" lines
+    class_path: str | None = None
+    innermost: tuple[int, str, str, str | None] | None = None  # (indent, key, detail, class) of the deepest problem
+    for raw in message.splitlines():
+        indent, line = len(raw) - len(raw.lstrip()), raw.strip()
+        path = [(i, k) for i, k in path if i < indent]
+        if found := _KEY.match(line):
+            path.append((indent, found.group(1)))
+            line = found.group(2)
+        elif found := _CLASS.match(line):
+            class_path = found.group(1)
+            continue
+        if line and not line.startswith(_NOISE) and (innermost is None or indent > innermost[0]):
+            innermost = (indent, ".".join(k for _, k in path), line, class_path)
+    if innermost is None:
+        return message.strip().splitlines()[0]
+    _, key, detail, class_path = innermost
+    if found := _OPTION.match(detail):
+        option = found.group(1)
+        valid = _init_parameters(class_path) if class_path else []
+        where = f" (see --{key}.help {class_path})" if class_path else ""
+        return f"unknown key {key}.{option}{_closest(option, valid, key + '.')}{where}"
+    return f"{key}: {detail}" if key else detail
