@@ -118,7 +118,8 @@ def metric_error(metric: str, suites: tuple[str, ...]) -> str | None:
     group, _, rest = metric.partition("/")
     if group == "val" and rest:
         return None
-    suite, _, name = rest.partition("/")
+    group_name, _, name = rest.partition("/")
+    suite = group_name.partition("@")[0]  # eval/<suite>@<data>/<name>: the suite on other data
     if group != "eval" or suite not in SUITES or not name:
         return (
             f"metrics: unknown metric {metric!r} (a run's metrics.json holds val/<name> and eval/<suite>/<name>, "
