@@ -208,4 +208,4 @@ def test_pin_memory_reaches_both_dataloaders(tiny_args):
     dm = cli.datamodule
     assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
     assert dm.train_dataloader().num_workers == 1
-    assert PretrainingDataModule().pin_memory == torch.cuda.is_available()  # None = pin when there is a GPU
+    assert PretrainingDataModule().loaders.pin_memory == torch.cuda.is_available()  # None = pin when there is a GPU
