@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -312,7 +313,8 @@ class Driver:
             if code != 0 or run is None or not (run / "hf_model").is_dir():
                 outcome.error = f"training: {failure(experiment / 'train.log')} (log: {experiment / 'train.log'})"
                 return outcome
-            trained.write_text(json.dumps({"run_dir": str(run), "train_s": outcome.train_s}) + "\n")
+            record = {"run_dir": str(run), "train_s": outcome.train_s, "tokens": outcome.tokens}
+            trained.write_text(json.dumps(record) + "\n")
         outcome.run_dir = str(run)
         if arm.compare and self.study.suites:
             start = time.perf_counter()
@@ -346,8 +348,25 @@ class Driver:
         ]
 
 
-def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int) -> str:
-    """The arms x seeds plan, as printed by --dry-run."""
+def measured_seconds(study: Study, root: Path, plans: dict[str, ArmPlan]) -> dict[str, float]:
+    """Per arm, the training time that earlier folders of this study at this size measured, scaled
+    to the planned tokens (the median seconds per token of their trained runs)."""
+    rates: dict[str, list[float]] = {}
+    for folder in (root / study.name).glob("*"):
+        saved = folder / "study.json"
+        if not saved.is_file() or json.loads(saved.read_text()).get("size") != study.size:
+            continue
+        for record in folder.glob(f"runs/*/seed_*/{TRAINED}"):
+            done = json.loads(record.read_text())
+            if done.get("tokens"):
+                rates.setdefault(record.parent.parent.name, []).append(done["train_s"] / done["tokens"])
+    return {arm: statistics.median(r) * plans[arm].tokens for arm, r in rates.items() if arm in plans}
+
+
+def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: dict[str, float]) -> str:
+    """The arms x seeds plan, as printed by --dry-run; times measured by earlier runs of the study
+    where there are any, else the FLOP-based guide."""
+    seconds = {name: measured.get(name, p.estimate_s) for name, p in plans.items()}
     rows = [
         "| arm | config | starts from | tokens/step | steps | tokens | est. time per run here |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
@@ -356,9 +375,10 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int) -> str:
         p = plans[name]
         rows.append(
             f"| {name}{'' if arm.compare else ' (not compared)'} | {arm.config} | {arm.init_from or '-'} | "
-            f"{p.tokens_per_step:,} | {p.max_steps:,} | {p.tokens:,} | {minutes(p.estimate_s)} |"
+            f"{p.tokens_per_step:,} | {p.max_steps:,} | {p.tokens:,} | {minutes(seconds[name])} "
+            f"({'measured' if name in measured else 'FLOP guide'}) |"
         )
-    total = sum(p.estimate_s for p in plans.values()) * len(study.seeds) / parallel
+    total = sum(seconds.values()) * len(study.seeds) / parallel
     return "\n".join(
         [
             f"study {study.name} (size {study.size}): {len(study.arms)} arms x {len(study.seeds)} seeds "
@@ -370,7 +390,8 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int) -> str:
             "",
             *rows,
             "",
-            f"estimated training time: ~{minutes(total)} in all (a rough guide: evaluation time is not included)",
+            f"estimated training time: ~{minutes(total)} in all; evaluation, process start and data preparation "
+            "are not included, and the FLOP guide is optimistic for small models (docs/studies.md)",
             "every config is valid; nothing was trained (--dry-run)",
         ]
     )
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         threads = max(1, (os.cpu_count() or 1) // args.parallel)
         plans = plan(study, training_flops(threads))
         if args.dry_run:
-            print(dry_run(study, plans, args.parallel))
+            print(dry_run(study, plans, args.parallel, measured_seconds(study, Path(args.studies_dir), plans)))
             return None
         folder = study_dir(study, Path(args.studies_dir), args.resume)
         record_study(folder, study, plans)

@@ -243,7 +243,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, monkeypatch)
     assert main(["--config", write_study(tmp_path), "--dry-run", "--studies_dir", str(tmp_path / "studies")]) is None
     out = capsys.readouterr().out
     assert "2 arms x 2 seeds [0, 1] = 4 runs" in out
-    assert "| ntp | experiments/configs/ntp.yaml | - | 128 | 4 | 512 |" in out
+    assert "| ntp | experiments/configs/ntp.yaml | - | 128 | 4 | 512 |" in out and "(FLOP guide) |" in out
     assert not (tmp_path / "studies").exists()
 
 
@@ -271,3 +271,9 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, capsys):
     assert main(["--config", config, "--resume", "--studies_dir", str(tmp_path / "studies")]) == folder
     assert capsys.readouterr().out.count("finished before, skipped") == 4
     assert [p.name for p in (folder / "runs" / "ntp" / "seed_0").glob("version_*")] == ["version_0"]
+    # a dry run now shows the time the runs took (median over seeds, the same tokens)
+    main(["--config", config, "--dry-run", "--studies_dir", str(tmp_path / "studies")])
+    took = [
+        json.loads((folder / "runs" / "meap" / f"seed_{s}" / "trained.json").read_text())["train_s"] for s in (0, 1)
+    ]
+    assert f"| 512 | {driver.minutes(sum(took) / 2)} (measured) |" in capsys.readouterr().out
