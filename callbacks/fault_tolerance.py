@@ -78,6 +78,7 @@ class InterruptCheckpoint(L.Callback):
         self.start_step: int | None = None  # global step when this session's training started
         self.stop_requested = False
         self.saved_step: int | None = None  # global step of the checkpoint saved for a requested stop
+        self._saving_on_exception = False
         self._previous_handler: Any = None
 
     def trained(self, trainer: L.Trainer) -> bool:
@@ -122,7 +123,23 @@ class InterruptCheckpoint(L.Callback):
             and all(torch.isfinite(p).all() for p in pl_module.parameters())
         )
         if worth:
-            trainer.save_checkpoint(self.ckpt_path)
+            self._saving_on_exception = True
+            try:
+                trainer.save_checkpoint(self.ckpt_path)
+            finally:
+                self._saving_on_exception = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """On resume Lightning advances the loop's logging step by one unless the checkpoint was saved
+        after the last batch had completed: right for checkpoints saved at the end of a training batch,
+        one too many for an exception in the middle of a step. Set it so the resumed run logs the
+        next batch at its own step: no TensorBoard step twice, none missing."""
+        if not self._saving_on_exception:
+            return
+        fit_loop = checkpoint["loops"]["fit_loop"]
+        total = fit_loop["epoch_loop.batch_progress"]["total"]
+        after_last = total["ready"] == total["started"] == total["processed"] == total["completed"]
+        fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] = trainer.global_step - (0 if after_last else 1)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.restore_handler()

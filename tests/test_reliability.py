@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -97,6 +98,34 @@ def test_ctrl_c_saves_the_exact_step_and_resume_picks_only_the_unfinished_run(tm
     assert again.returncode == 2
     assert last_line(again.stderr).startswith(f"error: ckpt_path=last: every run of {root} with a checkpoint has")
     assert tree(root) == before and sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+
+
+class CrashOnce(L.Callback):
+    """Raises in the middle of training step `at` (after the forward pass, before the backward)."""
+
+    at: int | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if trainer.global_step == CrashOnce.at:
+            CrashOnce.at = None
+            raise RuntimeError("boom")
+
+
+def test_a_crash_keeps_its_step_and_resumes_without_a_gap(tmp_path, monkeypatch):
+    args = [*QUICKSTART, *common(tmp_path), "--trainer.max_steps", "8", "--trainer.val_check_interval", "5"]
+    main(args)
+    root = tmp_path / "runs" / "quickstart"
+    monkeypatch.setattr(CrashOnce, "at", 3)
+    with pytest.raises(RuntimeError, match="boom"):
+        main([*args, "--trainer.callbacks+=tests.test_reliability.CrashOnce"])
+    status = json.loads((root / "version_1" / "status.json").read_text())
+    assert status | {"time": None} == {"status": "failed", "step": 3, "message": "RuntimeError: boom", "time": None}
+    assert torch.load(root / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    main([*args, "--ckpt_path", "last"])
+    steps, losses = train_loss_steps(root / "version_1")
+    _, reference = train_loss_steps(root / "version_0")
+    assert steps == list(range(8))
+    torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([reference[s] for s in steps]))
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_finite_checkpoint(tmp_path):
