@@ -63,6 +63,11 @@ class Outcome:
     error: str | None = None
 
 
+def cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def arm_args(study: Study, arm: Arm) -> list[str]:
     return ["--config", arm.config, *study.args, *arm.args]
 
@@ -76,7 +81,7 @@ def resolved_config(study: Study, arm: Arm) -> dict:
     code: int | str | None = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main([*arm_args(study, arm), "--print_config"])
+            run_main([*arm_args(study, arm), "--seed_everything", "0", "--data.init_args.seed", "0", "--print_config"])
         except SystemExit as exit_:
             code = exit_.code
     if code not in (0, None):
@@ -231,7 +236,7 @@ class Driver:
 
     def __init__(self, study: Study, plans: dict[str, ArmPlan], folder: Path, parallel: int) -> None:
         self.study, self.plans, self.folder = study, plans, folder
-        self.threads = max(1, (os.cpu_count() or 1) // parallel)
+        self.threads = max(1, cores() // parallel)
         self.parallel = parallel
         self.done = 0
         self.lock = threading.Lock()  # progress lines come from the pool's threads
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if args.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
         study = load_study(args.config, args.size, args.seeds)
-        threads = max(1, (os.cpu_count() or 1) // args.parallel)
+        threads = max(1, cores() // args.parallel)
         plans = plan(study, training_flops(threads))
         if args.dry_run:
             print(dry_run(study, plans, args.parallel, measured_seconds(study, Path(args.studies_dir), plans)))

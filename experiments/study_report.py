@@ -292,7 +292,16 @@ def flat(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-RUN_SPECIFIC = ("seed", "runs_dir", "experiment", "ckpt_path", "init_from", "tokenizer_path", "config")
+RUN_SPECIFIC = (
+    "seed",
+    "seed_everything",
+    "runs_dir",
+    "experiment",
+    "ckpt_path",
+    "init_from",
+    "tokenizer_path",
+    "config",
+)
 
 
 def write_hparams(study: Study, results: list[RunResult]) -> None:
