@@ -116,6 +116,24 @@ def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
     return "\n".join(rows)
 
 
+def cost_table(study: Study, results: list[RunResult]) -> str:
+    """What each arm's runs cost: tokens per run and the median training and evaluation time."""
+    rows = [
+        "| arm | finished runs | tokens per run | median train time | median eval time |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for arm in study.arms:
+        done = [r for r in results if r.arm == arm and r.status == "ok"]
+        if not done:
+            rows.append(f"| {arm} | 0 | – | – | – |")
+            continue
+        rows.append(
+            f"| {arm} | {len(done)} | {done[0].tokens:,} | {np.median([r.train_s for r in done]):.0f} s | "
+            f"{np.median([r.eval_s for r in done]):.0f} s |"
+        )
+    return "\n".join(rows)
+
+
 def report_text(study: Study, results: list[RunResult], plots: list[Path], command: str) -> str:
     failed = [r for r in results if r.status != "ok"]
     lines = [
@@ -136,6 +154,7 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
         lines += [f"## {metric} ({direction} is better)", "", metric_table(study, results, metric), ""]
         if not any(metric in r.metrics for r in results):
             lines += [f"No run wrote {metric!r} to its metrics.json.", ""]
+    lines += ["## Cost", "", cost_table(study, results), ""]
     if failed:
         lines += ["## Failed runs", "", "| arm | seed | error |", "| --- | --- | --- |"]
         lines += [f"| {r.arm} | {r.seed} | {(r.error or '').replace('|', '/')} |" for r in failed]

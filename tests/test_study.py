@@ -145,6 +145,7 @@ def test_report_on_hand_made_metrics(tmp_path):
     assert "| meap | 3 | 3.1 ± 2.73 | [0.3674, 5.833] | +1.1 [+0.8516, +1.348] | 3 | better |" in acc
     assert "| +1.1 [+0.8516, +1.348] | 3 | worse |" in loss  # the same numbers, where lower is better
     assert "| meap | 3 | training: error: data: boom |" in report
+    assert "| ntp | 3 | 512 | 10 s | 2 s |" in report  # the cost table
     assert "one seed sets the model initialisation, the data order and the masks together" in report.lower()
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["arm"], r["seed"], r["status"]) for r in rows][-2:] == [("meap", "2", "ok"), ("meap", "3", "failed")]
