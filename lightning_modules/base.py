@@ -28,7 +28,8 @@ class OptimizerConfig:
         weight_decay: decoupled weight decay of matrices (biases, norms and embeddings get none).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        fused: torch's fused AdamW kernel; None = fused when the parameters are on a GPU.
+        fused: torch's fused AdamW kernel; None = fused when the parameters are on a GPU. Clips
+            under any precision (`configure_gradient_clipping`).
     """
 
     lr: float = 1e-3
