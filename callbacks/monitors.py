@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.peak_flops import peak_flops
 
@@ -60,7 +61,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
         peak = self.peak_flops
         device = trainer.strategy.root_device
         if peak is None and device.type == "cuda":
-            peak = peak_flops(torch.cuda.get_device_name(device), _plugin_to_compute_dtype(trainer.precision_plugin))
+            name = torch.cuda.get_device_name(device)
+            peak = peak_flops(name, _plugin_to_compute_dtype(trainer.precision_plugin))
+            if peak is None:
+                rank_zero_warn(f"no perf/mfu: {name!r} is not in callbacks/peak_flops.py; set --throughput.peak_flops")
         self.available_flops = peak
         for throughput in self._throughputs.values():
             throughput.available_flops = peak

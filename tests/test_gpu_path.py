@@ -189,6 +189,9 @@ def test_monitor_takes_the_peak_from_the_table_unless_given(given, expected, mon
         monitor.setup(trainer, None, TrainerFn.FITTING)
     assert monitor.available_flops == expected
     assert [t.available_flops for t in monitor._throughputs.values()] == [expected, expected]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    with pytest.warns(UserWarning, match="no perf/mfu: 'Tesla T4' is not in callbacks/peak_flops.py"):
+        TokenThroughputMonitor().setup(trainer, None, TrainerFn.FITTING)
 
 
 DEBERTA = dict(
