@@ -251,10 +251,14 @@ class Driver:
         )
         futures: dict[tuple[str, int], Future] = {}
         with ThreadPoolExecutor(self.parallel) as pool:
-            for arm, seed in jobs:
-                parent = self.study.arms[arm].init_from
-                futures[arm, seed] = pool.submit(self.job, arm, seed, futures.get((parent, seed)), len(jobs))
-            return [futures[job].result() for job in jobs]
+            try:
+                for arm, seed in jobs:
+                    parent = self.study.arms[arm].init_from
+                    futures[arm, seed] = pool.submit(self.job, arm, seed, futures.get((parent, seed)), len(jobs))
+                return [futures[job].result() for job in jobs]
+            except BaseException:  # Ctrl-C: the running processes get it too; start no queued run
+                pool.shutdown(cancel_futures=True)
+                raise
 
     def job(self, arm: str, seed: int, parent: Future | None, total: int) -> Outcome:
         experiment = self.experiment(arm, seed)
@@ -265,7 +269,11 @@ class Driver:
             return previous
         outcome = self.execute(arm, seed, experiment, parent.result() if parent else None)
         marker.write_text(json.dumps(asdict(outcome), indent=2) + "\n")
-        said = f"failed: {outcome.error}" if outcome.status != "ok" else f"trained in {outcome.train_s:.0f} s"
+        said = (
+            f"failed: {outcome.error}"
+            if outcome.status != "ok"
+            else f"ok (training {outcome.train_s:.0f} s, evaluation {outcome.eval_s:.0f} s)"
+        )
         self.progress(total, f"{arm} seed {seed}: {said}")
         return outcome
 
@@ -445,7 +453,11 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"study folder: {folder}", flush=True)
-    outcomes = Driver(study, plans, folder, args.parallel).run_all()
+    try:
+        outcomes = Driver(study, plans, folder, args.parallel).run_all()
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with --resume {folder}", file=sys.stderr)
+        sys.exit(130)
     from experiments.study_report import write_report
 
     command = " ".join(["python -m experiments.study", *argv])
