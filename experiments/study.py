@@ -188,7 +188,7 @@ def study_dir(study: Study, root: Path, resume: str | None) -> Path:
 def identity(study: Study) -> dict:
     """What must not change when a study folder is continued (more seeds may be added)."""
     fields = asdict(study)
-    for key in ("seeds", "file"):
+    for key in ("seeds", "file", "question"):
         fields.pop(key)
     return json.loads(json.dumps(fields))
 

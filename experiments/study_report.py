@@ -206,8 +206,13 @@ def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dic
 def metric_bars(study: Study, results: list[RunResult]):
     """One panel per metric: each arm's mean with its 95% CI whiskers, and the seeds as dots."""
     metrics = list(study.metrics)
-    figure, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.1 * len(study.compared) + 2) * len(metrics), 4.2))
-    axes = np.atleast_1d(axes)
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    width = max(4.5, 1.1 * len(study.compared) + 2)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    axes = axes.flat
     arms = study.compared
     for ax, metric in zip(axes, metrics):
         for i, arm in enumerate(arms):
@@ -238,6 +243,7 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         positions = sorted(p for t, p in found if t == task)
+        spacing = min(np.diff(positions), default=1)
         for i, arm in enumerate(study.compared):
             estimates = [
                 estimate(list(by_seed(results, arm, f"eval/retrieval/{task}/acc_position_{p}").values()))
@@ -250,12 +256,12 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
                     [e.high - e.mean if e.n > 1 else 0 for e in estimates],
                 ]
             )
-            offset = (i - (len(study.compared) - 1) / 2) * 0.06
+            offset = (i - (len(study.compared) - 1) / 2) * 0.06 * spacing  # arms side by side at each position
             ax.errorbar(
                 np.array(positions) + offset, means, yerr=errors, marker="o", capsize=4, color=f"C{i}", label=arm
             )
         ax.set_xticks(positions)
-        ax.set_xlim(positions[0] - 0.5, positions[-1] + 0.5)
+        ax.set_xlim(positions[0] - 0.5 * spacing, positions[-1] + 0.5 * spacing)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("position of the gold item (1 = first)")
         ax.set_ylabel("accuracy")
