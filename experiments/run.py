@@ -45,6 +45,7 @@ from experiments.run_dir import (
     RUN_VERSION_ENV,
     RunDirSnapshot,
     checkpoint_errors,
+    checkpoint_step,
     resolve_run,
     write_status,
 )
@@ -205,8 +206,15 @@ class MasklabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            # A resumed run hides what an earlier session logged after its checkpoint (a run killed at
+            # step 160 that resumes from step 100 would otherwise show steps 100-159 twice).
+            resumed_at = checkpoint_step(self.config.ckpt_path) if self.config.ckpt_path else None
             kwargs["logger"] = TensorBoardLogger(
-                self.config.runs_dir, name=self.config.experiment, version=self.run_version, default_hp_metric=False
+                self.config.runs_dir,
+                name=self.config.experiment,
+                version=self.run_version,
+                default_hp_metric=False,
+                purge_step=resumed_at,
             )
         try:
             return super().instantiate_trainer(**kwargs)
@@ -269,8 +277,9 @@ def main(args: list[str] | None = None) -> MasklabCLI:
         run_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and final:
             metrics = update_metrics_json(Path(run_dir) / "metrics.json", scalar_metrics(final[0]))
-            write_status(Path(run_dir), FINISHED, trainer.global_step)
             print(f"run dir: {run_dir}\nfinal: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if trainer.is_global_zero:
+            write_status(Path(run_dir), FINISHED, trainer.global_step)
         return cli
     except Exception as err:
         cause = masklab_cause(err)
@@ -295,7 +304,8 @@ def fit(cli: MasklabCLI) -> None:
         if not trainer.is_global_zero:
             raise
         guard = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
-        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))  # Lightning turns Ctrl-C into exit(1)
+        # Lightning turns Ctrl-C into exit(1); DataLoader workers die of the same Ctrl-C and fail the next fetch
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt)) or guard.stop_requested
         if not guard.trained(trainer):
             cli.release_run_dir()
             if interrupted:

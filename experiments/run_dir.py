@@ -159,6 +159,14 @@ def objective_word(module_class: type) -> str:
     return f"{module_class.__name__} ({kind}, {objective!r} objective)"
 
 
+def checkpoint_step(ckpt_path: str) -> int | None:
+    """The optimiser step a checkpoint was saved at (None when unreadable: `checkpoint_errors` says why)."""
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:
+        return None
+
+
 def checkpoint_errors(ckpt_path: str, model: torch.nn.Module) -> list[str]:
     """Why `ckpt_path` cannot resume `model`, found before the trainer writes anything.
 

@@ -53,6 +53,15 @@ def train_loss_steps(run_dir: Path) -> tuple[list[int], dict[int, float]]:
     return steps, values
 
 
+def shown_steps(run_dir: Path) -> tuple[list[int], dict[int, float]]:
+    """The `train/loss` steps TensorBoard shows for a run dir (all its files read together, so what a
+    resumed session purged is gone), and the values by step."""
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    events = accumulator.Scalars("train/loss")
+    return [e.step for e in events], {e.step: e.value for e in events}
+
+
 def test_ctrl_c_saves_the_exact_step_and_resume_picks_only_the_unfinished_run(tmp_path):
     args = [*QUICKSTART, *common(tmp_path), "--trainer.max_steps", "24", "--trainer.val_check_interval", "5"]
     main([*args, "--progress.when", "never"])  # an uninterrupted run: version_0, finished
@@ -81,6 +90,7 @@ def test_ctrl_c_saves_the_exact_step_and_resume_picks_only_the_unfinished_run(tm
     assert last_line(stderr) == f"interrupted at step {step}: saved {saved}; resume with --ckpt_path last"
     assert torch.load(saved, weights_only=False)["global_step"] == step
     assert not (version_1 / "hf_model").exists() and not (version_1 / "metrics.json").exists()
+    interrupted_ckpt = saved.read_bytes()
 
     resumed = entry(*args, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -93,11 +103,25 @@ def test_ctrl_c_saves_the_exact_step_and_resume_picks_only_the_unfinished_run(tm
     _, reference = train_loss_steps(root / "version_0")
     torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([reference[s] for s in steps]))
 
+    # a run killed outright after its events were flushed past its last checkpoint (here: the full
+    # run's events with the interrupted run's step-N checkpoint) resumes, and TensorBoard shows
+    # each of the steps logged twice once
+    version_2 = root / "version_2"
+    (version_2 / "checkpoints").mkdir(parents=True)
+    for events in (root / "version_0").glob("events.out.tfevents.*"):
+        (version_2 / events.name).write_bytes(events.read_bytes())
+    (version_2 / "checkpoints" / "last.ckpt").write_bytes(interrupted_ckpt)
+    assert entry(*args, "--ckpt_path", "last").returncode == 0
+    assert sorted(train_loss_steps(version_2)[0]) != list(range(24))  # both sessions' files hold steps N..23
+    steps, losses = shown_steps(version_2)
+    assert steps == list(range(24))
+    torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([reference[s] for s in steps]))
+
     before = tree(root)
     again = entry(*args, "--ckpt_path", "last")
     assert again.returncode == 2
     assert last_line(again.stderr).startswith(f"error: ckpt_path=last: every run of {root} with a checkpoint has")
-    assert tree(root) == before and sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+    assert tree(root) == before and sorted(p.name for p in root.iterdir()) == ["version_0", "version_1", "version_2"]
 
 
 class CrashOnce(L.Callback):
