@@ -339,11 +339,13 @@ def write_hparams(study: Study, results: list[RunResult]) -> None:
     varying = [
         k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1 and not k.endswith(RUN_SPECIFIC)
     ]
+    # a key set in some runs only (or of mixed types) is given as text, so that one hparam has one type
+    as_text = {k for k in varying if len({type(c.get(k)) for c in configs.values()}) > 1}
     for r in done:
         folder = r.run_dir / "hparams"
         shutil.rmtree(folder, ignore_errors=True)
-        hparams = {"arm": r.arm, "seed": r.seed} | {k: configs[r.run_dir].get(k) for k in varying}
-        hparams = {k: "null" if v is None else v for k, v in hparams.items()}
+        values = {k: configs[r.run_dir].get(k) for k in varying}
+        hparams = {"arm": r.arm, "seed": r.seed} | {k: str(v) if k in as_text else v for k, v in values.items()}
         metrics = {f"hparams/{m}": float(r.metrics[m]) for m in study.metrics if m in r.metrics}
         metrics["hparams/train_s"] = r.train_s
         with SummaryWriter(str(folder)) as writer:
