@@ -419,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the study YAML (experiments/configs/studies/<name>.yaml)")
     parser.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the study's seeds")
     parser.add_argument(
-        "--size", default=DEFAULT_SIZE, help="a size of the study's `sizes` (default: cpu, the top level)"
+        "--size",
+        default=DEFAULT_SIZE,
+        help="a size of the study's `sizes` (default: cpu; the top level alone when sizes has no cpu)",
     )
     parser.add_argument("--parallel", type=int, default=1, help="runs at once; the CPU threads are split between them")
     parser.add_argument(
