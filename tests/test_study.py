@@ -106,6 +106,7 @@ def test_a_size_replaces_top_level_keys_and_appends_args(tmp_path):
     gpu = load_study(path, size="gpu")
     assert gpu.seeds == (3, 5) and gpu.args[-2:] == ("--trainer.precision", "bf16-mixed")
     assert load_study(path).seeds == (0, 1) and load_study(path, seeds=4).seeds == (0, 1, 2, 3)
+    assert load_study(write_study(tmp_path, sizes={"cpu": {"seeds": 5}})).seeds == (0, 1, 2, 3, 4)  # the default size
 
 
 def fake_run(folder: Path, arm: str, seed: int, metrics: dict) -> Outcome:
