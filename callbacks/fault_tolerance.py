@@ -77,7 +77,7 @@ class InterruptCheckpoint(L.Callback):
         self.ckpt_path: Path | None = None  # <run dir>/checkpoints/last.ckpt, known once training starts
         self.start_step: int | None = None  # global step when this session's training started
         self.stop_requested = False
-        self.saved_step: int | None = None  # global step of the checkpoint saved for a requested stop
+        self.saved_step: int | None = None  # global step of the checkpoint saved on a stop or an exception
         self._saving_on_exception = False
         self._previous_handler: Any = None
 
@@ -126,6 +126,7 @@ class InterruptCheckpoint(L.Callback):
             self._saving_on_exception = True
             try:
                 trainer.save_checkpoint(self.ckpt_path)
+                self.saved_step = trainer.global_step
             finally:
                 self._saving_on_exception = False
 

@@ -316,8 +316,8 @@ def fit(cli: MasklabCLI) -> None:
         message = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {err}".splitlines()[0]
         write_status(cli.run_dir, "interrupted" if interrupted else "failed", step, message)
         if interrupted:
-            saved = Path(guard.ckpt_path)
-            print(f"interrupted at step {step}: saved {saved}; resume with --ckpt_path last", file=sys.stderr)
+            kept = f"saved {guard.ckpt_path}" if guard.saved_step == step else "no checkpoint saved at this step"
+            print(f"interrupted at step {step}: {kept}; resume with --ckpt_path last", file=sys.stderr)
             raise SystemExit(130) from None
         raise
 
