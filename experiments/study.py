@@ -105,19 +105,26 @@ def tokens_per_step(config: dict) -> int:
     )
 
 
-def estimate_seconds(config: dict, tokens: int, flops_per_second: float) -> float:
-    """Training time of `tokens` at `flops_per_second`, from the model FLOPs of
-    lightning_modules/flops.py per token: 6 x (body 12·layers·d² + head vocab·d) + attention
-    12·layers·d·block. A rough guide (docs/studies.md says how rough)."""
+def estimate_seconds(config: dict, tokens: int, matmul_flops: float) -> float:
+    """Training time of `tokens`, from the model FLOPs per token of lightning_modules/flops.py
+    (6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block) at the share of the
+    machine's matmul rate that a model of this width reaches. A guide (docs/studies.md)."""
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     d, layers = int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
-    per_token = 6 * (12 * layers * d * d + int(data.get("vocab_size") or 4096) * d) + 12 * layers * d * int(
-        data["block_size"]
-    )
-    return per_token * tokens / flops_per_second
+    vocab, block = int(data.get("vocab_size") or 4096), int(data["block_size"])
+    per_token = 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block
+    return per_token * tokens / (matmul_flops * training_efficiency(d))
 
 
-def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
+def training_efficiency(width: int) -> float:
+    """Training FLOP/s over the matmul rate on CPU, which grows with the model's width (small
+    matrices use the cores badly): ~width / 3000, from 0.26 at width 768 (Llama 122M, 131 tok/s,
+    docs/speed.md), 0.03 at 64 (benchmarks.gpu tiny, 12,781 tok/s) and 0.05 at 128 (a 128 x 2
+    pre-training, ~2,800 tok/s on a busy 2-core machine); at most 0.26, the widest measured."""
+    return min(0.26, width / 3000)
+
+
+def plan(study: Study, matmul_flops: float) -> dict[str, ArmPlan]:
     """Every arm's config resolved and its budget worked out; unequal budgets are an error
     unless the study allows them."""
     plans = {}
@@ -132,9 +139,7 @@ def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
             if max_steps < 1:
                 raise ConfigError(f"{study.file}: arms.{arm.name}: set budget_tokens or trainer.max_steps")
             tokens = max_steps * per_step
-        plans[arm.name] = ArmPlan(
-            per_step, max_steps, tokens, estimate_seconds(config, tokens, flops_per_second), config
-        )
+        plans[arm.name] = ArmPlan(per_step, max_steps, tokens, estimate_seconds(config, tokens, matmul_flops), config)
     totals = {name: sum(plans[a].tokens for a in study.chain(name)) for name in study.compared}
     if len(set(totals.values())) > 1 and not study.allow_unequal_budgets:
         listed = ", ".join(f"{name}={tokens:,}" for name, tokens in totals.items())
@@ -145,10 +150,9 @@ def plan(study: Study, flops_per_second: float) -> dict[str, ArmPlan]:
     return plans
 
 
-def training_flops(threads: int) -> float:
-    """The FLOP/s a training run with `threads` threads reaches on this machine, estimated as one
-    core's float32 matmul rate (the best of 30 products, so that other processes on the machine
-    count little) x threads x TRAINING_EFFICIENCY."""
+def matmul_flops(threads: int) -> float:
+    """This machine's float32 matmul FLOP/s at `threads` threads: one core's rate (the best of 30
+    products of 512 x 512, so that other processes on the machine count little) x threads."""
     import torch
 
     previous = torch.get_num_threads()
@@ -160,12 +164,7 @@ def training_flops(threads: int) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     torch.set_num_threads(previous)
-    return 2 * 512**3 / best * threads * TRAINING_EFFICIENCY
-
-
-# Training FLOP/s over one core's matmul FLOP/s x threads on CPU: 0.26 for Llama 122M at 131 tok/s
-# on 2 idle cores (docs/speed.md) with 170 GFLOP/s per core; small models reach less (~0.03 at 64 x 2).
-TRAINING_EFFICIENCY = 0.25
+    return 2 * 512**3 / best * threads
 
 
 def study_dir(study: Study, root: Path, resume: str | None) -> Path:
@@ -445,7 +444,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
         study = load_study(args.config, args.size, args.seeds)
         threads = max(1, cores() // args.parallel)
-        plans = plan(study, training_flops(threads))
+        plans = plan(study, matmul_flops(threads))
         if args.dry_run:
             print(dry_run(study, plans, args.parallel, measured_seconds(study, Path(args.studies_dir), plans)))
             return None
