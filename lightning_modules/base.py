@@ -106,8 +106,10 @@ class LanguageModelModule(L.LightningModule):
         self.compile_body, self._compiled = compile, False
         self.flop_counts = flop_counts(self.model, head_transform=self.objective == "mlm")  # before any sharding
         self._last_train_batch: tuple[int, int, Tensor] | None = None  # B, L, labelled positions
-        self.val_loss = MeanMetric()
-        self.val_acc = MeanMetric()
+        # nan_strategy="disable" keeps a NaN in the mean: the default drops it with a warning, so a
+        # half-NaN validation would read as finite and slip past the non-finite check.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MeanMetric(nan_strategy="disable")
 
     @classmethod
     def build_config(cls, vocab: dict, **model_args) -> PretrainedConfig:

@@ -63,6 +63,14 @@ def test_batch_with_nothing_to_predict_gives_zero_not_nan():
     loss.backward()  # still a valid graph
 
 
+def test_a_nan_validation_batch_makes_val_loss_nan_not_the_mean_of_the_rest():
+    """torchmetrics' default drops NaN updates; val/loss must keep them so the non-finite check fires."""
+    module = CausalLMModule(**TINY)
+    module.val_loss.update(torch.tensor(2.0), 10)
+    module.val_loss.update(torch.tensor(float("nan")), 10)
+    assert module.val_loss.compute().isnan()
+
+
 @pytest.mark.parametrize("module_class", [MaskedLMModule, CausalLMModule])
 def test_loss_falls_on_a_repeated_batch(module_class):
     torch.manual_seed(0)
