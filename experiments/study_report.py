@@ -152,8 +152,11 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
     ]
     for metric, direction in study.metrics.items():
         lines += [f"## {metric} ({direction} is better)", "", metric_table(study, results, metric), ""]
-        if not any(metric in r.metrics for r in results):
+        values = {v for arm in study.compared for v in by_seed(results, arm, metric).values()}
+        if not values:
             lines += [f"No run wrote {metric!r} to its metrics.json.", ""]
+        elif len(values) == 1:
+            lines += [f"Every run scored {values.pop():.4g}: this comparison answers nothing at this size.", ""]
     lines += ["## Cost", "", cost_table(study, results), ""]
     if failed:
         lines += ["## Failed runs", "", "| arm | seed | error |", "| --- | --- | --- |"]

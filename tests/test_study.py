@@ -147,6 +147,16 @@ def test_report_on_hand_made_metrics(tmp_path):
     assert "| +1.1 [+0.8516, +1.348] | 3 | worse |" in loss  # the same numbers, where lower is better
     assert "| meap | 3 | training: error: data: boom |" in report
     assert "| ntp | 3 | 512 | 10 s | 2 s |" in report  # the cost table
+    assert "Every run scored" not in report
+    # a metric on which every run scored the same is called out
+    zeros = [
+        fake_run(tmp_path / "zeros", arm, seed, {"eval/retrieval/acc": 0.0, "val/loss": 1.0 + seed})
+        for arm in ("ntp", "meap")
+        for seed in range(3)
+    ]
+    text = write_report(study, {"ntp": 128, "meap": 128}, zeros, tmp_path / "zeros", "...").read_text()
+    assert text.count("Every run scored") == 1  # val/loss differs between seeds
+    assert "Every run scored 0: this comparison answers nothing at this size." in text
     assert "one seed sets the model initialisation, the data order and the masks together" in report.lower()
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["arm"], r["seed"], r["status"]) for r in rows][-2:] == [("meap", "2", "ok"), ("meap", "3", "failed")]
