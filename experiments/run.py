@@ -256,6 +256,7 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             parser_kwargs={
                 "default_config_files": [str(TRAINER_DEFAULTS)],  # what every experiment starts from
                 "exit_on_error": False,  # parse errors become one line below, not a usage dump
+                "allow_abbrev": False,  # --trainer.max_step is a typo to report, not max_steps
                 "usage": "python -m experiments.run --config CONFIG [--KEY VALUE ...]",
                 "description": HELP,
                 "formatter_class": HelpFormatter,
