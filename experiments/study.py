@@ -120,7 +120,7 @@ def training_efficiency(width: int) -> float:
     """Training FLOP/s over the matmul rate on CPU, which grows with the model's width (small
     matrices use the cores badly): ~width / 3000, from 0.26 at width 768 (Llama 122M, 131 tok/s,
     docs/speed.md), 0.03 at 64 (benchmarks.gpu tiny, 12,781 tok/s) and 0.05 at 128 (a 128 x 2
-    pre-training, ~2,800 tok/s on a busy 2-core machine); at most 0.26, the widest measured."""
+    pre-training, ~2,500 tok/s on a busy 2-core machine); at most 0.26, the widest measured."""
     return min(0.26, width / 3000)
 
 
