@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         ("distillation step / random-MLM step", f"{ratios['kd']:.3f}", "reported (one teacher forward)"),
     ]
     print(
-        f"training step {step_time * 1e3:.1f} ms, statistics {gather_time * 1e3:.2f} ms (batch {args.batch_size}x{args.block_size})"
+        f"training step {step_time * 1e3:.1f} ms, statistics {gather_time * 1e3:.2f} ms (batch "
+        f"{args.batch_size}x{args.block_size})"
     )
     print(markdown_table(rows))
 

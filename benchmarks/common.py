@@ -78,7 +78,10 @@ class CpuContention:
                 "~0%",
             )
         others, steal = shares
-        line = f"CPU contention during this run: other processes {others:.0%} of the machine's CPU, hypervisor steal {steal:.0%}"
+        line = (
+            f"CPU contention during this run: other processes {others:.0%} of the machine's CPU, hypervisor "
+            f"steal {steal:.0%}"
+        )
         if others + steal > RELIABLE_CONTENTION:
             line += "\nWARNING: the machine was busy; the ratios above are unreliable, run again on an idle machine"
         return line, (

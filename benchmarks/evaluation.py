@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     assert answers(decoder, prompts, 6, use_cache=True) == answers(decoder, prompts, 6, use_cache=False)
 
     print(
-        f"{args.sentences} BLiMP sentences; needle: {len(prompts)} prompts of {args.needle_length} tokens, 6 new tokens, quickstart shape\n"
+        f"{args.sentences} BLiMP sentences; needle: {len(prompts)} prompts of {args.needle_length} tokens, 6 "
+        f"new tokens, quickstart shape\n"
     )
     print(
         markdown_table(

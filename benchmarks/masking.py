@@ -198,7 +198,8 @@ def main() -> None:
                 ),
                 (
                     f"collate share of a quickstart MEAP step (batch {share['batch_size']}x{args.block_size})",
-                    f"{share['share']:.2%} ({share['collate'] * 1e3:.2f} ms of {(share['collate'] + share['step']) * 1e3:.0f} ms)",
+                    f"{share['share']:.2%} ({share['collate'] * 1e3:.2f} ms of "
+                    f"{(share['collate'] + share['step']) * 1e3:.0f} ms)",
                     f"<= {SHARE_TARGET:.0%}",
                 ),
                 contention_row,

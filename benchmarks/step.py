@@ -263,7 +263,8 @@ def main() -> None:
     batch_size = args.batch_size or data["batch_size"]
     block_size = args.block_size or data["block_size"]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; quickstart model, batch {batch_size} x {block_size}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; quickstart model, batch {batch_size} x "
+        f"{block_size}"
     )
     with tiny_datamodule(
         MEAPInputMask(),
@@ -279,7 +280,8 @@ def main() -> None:
             f"  MEAP {meap['meap'] * 1e3:.1f} ms (masked share {meap['masked']:.3f})   NTP {meap['ntp'] * 1e3:.1f} ms"
         )
         print(
-            f"  ratio MEAP / NTP: {meap['ratio']:.3f}  (target <= {MEAP_TARGET}: {verdict(meap['ratio'] <= MEAP_TARGET)})"
+            f"  ratio MEAP / NTP: {meap['ratio']:.3f}  (target <= {MEAP_TARGET}: "
+            f"{verdict(meap['ratio'] <= MEAP_TARGET)})"
         )
         noise = f"halves {meap['halves'][0]:.3f} / {meap['halves'][1]:.3f}"
         if meap["control"] is not None:
@@ -303,10 +305,12 @@ def main() -> None:
         implied = loop["plain"] / (loop["plain"] + fixed["overhead"])
         print(
             f"\nLightning's fixed per-step cost, same comparison on a tiny model of the same depth "
-            f"(hidden 16, batch 2 x 16): Trainer {fixed['trainer'] * 1e3:.2f} ms/step, plain {fixed['plain'] * 1e3:.2f} ms/step"
+            f"(hidden 16, batch 2 x 16): Trainer {fixed['trainer'] * 1e3:.2f} ms/step, plain "
+            f"{fixed['plain'] * 1e3:.2f} ms/step"
         )
         print(
-            f"  overhead {fixed['overhead'] * 1e3:.2f} ms/step; implied Trainer / plain at quickstart size: {implied:.3f}  "
+            f"  overhead {fixed['overhead'] * 1e3:.2f} ms/step; implied Trainer / plain at quickstart size: "
+            f"{implied:.3f}  "
             f"(target >= {TRAINER_TARGET}: {verdict(implied >= TRAINER_TARGET)})"
         )
 

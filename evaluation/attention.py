@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from core.errors import ConfigError, DataError, raise_if_any
+from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from datamodules.masking import Vocab
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel

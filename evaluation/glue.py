@@ -55,15 +55,18 @@ class Options:
 
     Args:
         tasks: GLUE tasks: cola, sst2, mrpc, rte (case and punctuation ignored: SST-2 = sst2).
-        data_dir: a folder of GLUE task folders (CoLA/, SST-2/, MRPC/, RTE/) with train and dev TSVs, e.g. ../shared/data/glue.
-        hf_dataset: a `datasets` source instead of data_dir: a config per task, splits train and validation (nyu-mll/glue).
+        data_dir: a folder of GLUE task folders (CoLA/, SST-2/, MRPC/, RTE/) with train and dev TSVs,
+            e.g. ../shared/data/glue.
+        hf_dataset: a `datasets` source instead of data_dir: a config per task, splits train and
+            validation (nyu-mll/glue).
         seeds: one fine-tuning run per seed and task; the mean and sample standard deviation over seeds are reported.
         epochs: passes over each task's training set.
         lr: peak AdamW learning rate, reached after the warm-up and decayed linearly to 0.
         warmup_ratio: share of the optimiser steps spent warming up linearly from 0.
         weight_decay: AdamW weight decay of the weight matrices (not of biases and norms).
         batch_size: examples per optimiser step and per evaluation batch.
-        max_length: tokens per example, longer ones cut (a pair's longer text first); None = min(128, the model's context).
+        max_length: tokens per example, longer ones cut (a pair's longer text first); None = min(128,
+            the model's context).
         max_train_examples: train on a fixed random subset of this many examples, the same for every seed; None = all.
         max_eval_examples: score a fixed random subset of this many dev examples; None = all.
         accelerator: Lightning accelerator for fine-tuning: auto, cpu, gpu, ...

@@ -11,8 +11,8 @@ import argparse
 import torch
 from datasets import Dataset
 
-from datamodules.corpus import BuiltinCorpus
 from core.errors import DataError
+from datamodules.corpus import BuiltinCorpus
 from datamodules.packing import pack, tokenize
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel

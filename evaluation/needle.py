@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.text.rouge import rouge_score
 
-from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from core.errors import ConfigError
+from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from datamodules.sources import load_text_files, text_files
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult

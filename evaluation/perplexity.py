@@ -25,7 +25,8 @@ class Options:
     """Which held-out text is scored, and in what blocks.
 
     Args:
-        text: held-out text file or folder (.txt, .txt.gz), e.g. ../shared/data/wikitext-2/valid.txt; None = the built-in corpus' validation split.
+        text: held-out text file or folder (.txt, .txt.gz), e.g. ../shared/data/wikitext-2/valid.txt;
+            None = the built-in corpus' validation split.
         documents: built-in validation documents to generate when `text` is None.
         seed: seed of the built-in corpus (0, as in training).
         block_size: tokens per block; None = the run's data.block_size, else min(128, the model's context).
@@ -73,6 +74,9 @@ def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     source = options.text or f"built-in validation split (seed {options.seed})"
     return SuiteResult(
         metrics={name: value, "nll": nll / tokens},
-        table=f"| text | blocks × tokens | {name} |\n| --- | --- | --- |\n| {source} | {len(blocks)} × {block_size} | {value:.3f} |",
+        table=(
+            f"| text | blocks × tokens | {name} |\n| --- | --- | --- |\n| {source} | {len(blocks)} × "
+            f"{block_size} | {value:.3f} |"
+        ),
         details={"text": source, "blocks": len(blocks), "block_size": block_size, "scored_tokens": tokens},
     )

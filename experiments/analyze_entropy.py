@@ -158,8 +158,11 @@ def plot(summary: dict, title: str, out: Path) -> list[Path]:
     ax.set(
         xlabel="predictive entropy (nats)",
         ylabel="tokens",
-        title=f"{title}: entropy of {summary['n_tokens']} tokens\nforking (> {summary['forking_threshold']:.3g} nats, dashed): "
-        f"{summary['forking_share']:.1%} of tokens, {summary['forking_entropy_share']:.1%} of all entropy",
+        title=(
+            f"{title}: entropy of {summary['n_tokens']} tokens\n"
+            f"forking (> {summary['forking_threshold']:.3g} nats, dashed): "
+            f"{summary['forking_share']:.1%} of tokens, {summary['forking_entropy_share']:.1%} of all entropy"
+        ),
     )
     _save(fig, files[0])
 
@@ -266,8 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["plots"] = [p.name for p in plot(summary, title, out)]
     (out / "entropy.json").write_text(json.dumps(finite_or_null(summary), indent=2) + "\n")
     print(
-        f"{summary['n_tokens']} tokens: mean entropy {summary['mean_entropy']:.3f} nats, accuracy {summary['accuracy']:.3f}, "
-        f"forking share {summary['forking_share']:.3f}\nwrote {out / 'entropy.json'} and {', '.join(summary['plots'])}"
+        f"{summary['n_tokens']} tokens: mean entropy {summary['mean_entropy']:.3f} nats, "
+        f"accuracy {summary['accuracy']:.3f}, forking share {summary['forking_share']:.3f}\n"
+        f"wrote {out / 'entropy.json'} and {', '.join(summary['plots'])}"
     )
     return summary
 

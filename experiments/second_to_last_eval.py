@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"second-to-last acc {result['second_to_last_acc']:.4f} vs next-token acc {result['next_token_acc_same_targets']:.4f} "
-        f"(same targets); top-1 next-token {result['next_token_top1_acc']:.4f} -> refined {result['refined_top1_acc']:.4f}\n"
+        f"second-to-last acc {result['second_to_last_acc']:.4f} vs next-token acc "
+        f"{result['next_token_acc_same_targets']:.4f} (same targets); top-1 next-token "
+        f"{result['next_token_top1_acc']:.4f} -> refined {result['refined_top1_acc']:.4f}\n"
         f"wrote {out}"
     )
     return result

@@ -18,7 +18,8 @@ def load_teacher(path: str | None, student_tokens: list[str], key: str) -> PreTr
     teacher = AutoModelForMaskedLM.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
     if teacher.config.vocab_size != len(student_tokens):
         raise ConfigError(
-            f"{key}: the teacher's vocabulary has {teacher.config.vocab_size} tokens, the student's {len(student_tokens)}"
+            f"{key}: the teacher's vocabulary has {teacher.config.vocab_size} tokens, the student's "
+            f"{len(student_tokens)}"
         )
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         teacher_tokens = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(

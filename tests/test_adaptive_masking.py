@@ -9,10 +9,10 @@ import torch.multiprocessing as mp
 
 from callbacks.adaptive_masking import AdaptiveMaskingCallback, difficulty_targets, update_weights
 from callbacks.ratio_schedule import MaskRatioSchedule
-from datamodules.policies.adaptive import AdaptiveMLMMask
-from datamodules.collate import MaskingCollator
 from core.errors import ConfigError
+from datamodules.collate import MaskingCollator
 from datamodules.masking import IGNORE_INDEX, TokenBlock
+from datamodules.policies.adaptive import AdaptiveMLMMask
 from lightning_modules.base import TokenStats
 from tests.conftest import MASK, make_vocab, random_ids
 

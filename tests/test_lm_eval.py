@@ -21,8 +21,8 @@ from transformers import (
 )
 
 lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
+from lm_eval.models.huggingface import HFLM  # noqa: E402  (after the skip: lm-eval is an optional dependency)
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "evaluation" / "lm_eval_tasks"
