@@ -15,6 +15,8 @@ _KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS = re.compile(r"^- Problem with given class_path '([^']+)':$")
 _OPTION = re.compile(r"^Option '([^']+)' is not accepted$")
 _UNRECOGNIZED = re.compile(r"^[Uu]nrecognized arguments: (\S+)")
+# Keys that moved: the old spelling gets a one-line pointer to the new one instead of a guess.
+RENAMED = {"data.masking.ratio": "data.mask_ratio"}  # the policy's ratio has one home (issue 15)
 _NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
 
 
@@ -60,6 +62,8 @@ def one_line(message: str, option_strings: list[str]) -> str:
     _, key, detail, class_path = innermost
     if found := _OPTION.match(detail):
         option = found.group(1)
+        if new_key := RENAMED.get(f"{key}.{option}"):
+            return f"{key}.{option} was renamed: use {new_key}"
         valid = _init_parameters(class_path) if class_path else []
         where = f" (see --{key}.help {class_path})" if class_path else ""
         return f"unknown key {key}.{option}{_closest(option, valid, key + '.')}{where}"

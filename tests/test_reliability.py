@@ -229,6 +229,7 @@ def test_failed_starts_are_one_line_and_leave_every_run_dir_as_it_was(tmp_path):
         ),
         (["--no_such_option", "1"], "error: unknown key no_such_option"),
         (["--trainer.max_step", "3"], "error: unknown key trainer.max_step; did you mean trainer.max_steps?"),
+        (["--data.masking.init_args.ratio", "0.2"], "error: data.masking.ratio was renamed: use data.mask_ratio"),
         (["--data.block_size", "x"], "error: data.block_size: Expected a <class 'int'>. Got value: x"),
         (["--config", "no/such.yaml"], f"error: config: File does not exist: '{Path.cwd() / 'no/such.yaml'}'"),
         (
