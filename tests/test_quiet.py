@@ -24,11 +24,18 @@ def test_lightnings_advertising_tip_is_dropped_and_its_other_info_kept():
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    # Other tests' libraries may disable loggers (logging.config with disable_existing_loggers, or
+    # logging.disable); this test is about our filter only, so it switches logging back on around it.
+    level, disabled, disabled_below = logger.level, logger.disabled, logging.root.manager.disable
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    logging.disable(logging.NOTSET)
     try:
         logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)")
         logger.info("GPU available: False, used: False")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.disabled = disabled
+        logging.disable(disabled_below)
     assert records == ["GPU available: False, used: False"]

@@ -173,7 +173,7 @@ def test_ddp_with_two_cpu_processes_makes_one_run_dir(tiny_args, tmp_path):
         (["--data.block_size", "4096"], "data.block_size=4096 is larger than the model's"),
         (["--model.init_args.max_position_embeddings", "16"], "data.block_size=32 is larger than the model's 16"),
         (
-            ["--data.masking", "datamodules.NoMask"],
+            ["--data.masking", "datamodules.NoMask", "--data.mask_ratio", "null"],  # NoMask takes no ratio
             "data.masking=NoMask builds 'causal' batches but model=MaskedLMModule",
         ),
     ],
