@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
@@ -25,6 +24,7 @@ from core.errors import DataError, raise_if_any
 from datamodules.collate import batch_generator
 from datamodules.loading import (
     Loaders,
+    TokenizedDataModule,
     TokenizerSource,
     bind_ratio,
     check_mask_token,
@@ -213,7 +213,7 @@ class SFTCollator:
         return self.policy(block, batch_generator(self.seed, block.indices.tolist()))
 
 
-class FineTuneDataModule(L.LightningDataModule):
+class FineTuneDataModule(TokenizedDataModule):
     """Instruction / long-context fine-tuning data; the policy decides plain SFT or MEAP SFT.
 
     Args:
@@ -322,18 +322,6 @@ class FineTuneDataModule(L.LightningDataModule):
                 errors.append(f"data.{key} must contain {placeholder}, got {args[key]!r}")
         errors += _policy_errors(args)
         return errors
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.tokenizer_source.tokenizer
-
-    @property
-    def vocab(self) -> Vocab:
-        return self.tokenizer_source.vocab
-
-    @property
-    def model_vocab(self) -> dict:
-        return self.tokenizer_source.model_vocab()
 
     # ---- samples -----------------------------------------------------------------------------
 

@@ -115,6 +115,25 @@ class TokenizerSource:
         }
 
 
+class TokenizedDataModule(L.LightningDataModule):
+    """A datamodule whose tokenizer comes from a `TokenizerSource`: what the entry point and the
+    evaluation read from either kind (the CLI links `model_vocab` into the model)."""
+
+    tokenizer_source: TokenizerSource
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer_source.tokenizer
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.tokenizer_source.vocab
+
+    @property
+    def model_vocab(self) -> dict:
+        return self.tokenizer_source.model_vocab()
+
+
 class ResumableSampler(DistributedSampler):
     """`DistributedSampler` (each rank its own shard, reshuffled by epoch) that can skip the
     samples an interrupted epoch already trained on, so a resumed run sees the same batches."""

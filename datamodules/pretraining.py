@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
@@ -16,13 +15,14 @@ from datamodules.collate import MaskingCollator
 from datamodules.corpus import VARIANTS
 from datamodules.loading import (
     Loaders,
+    TokenizedDataModule,
     TokenizerSource,
     bind_ratio,
     check_mask_token,
     check_protocol,
     common_config_errors,
 )
-from datamodules.masking import MaskingPolicy, TokenBlock, Vocab
+from datamodules.masking import MaskingPolicy, TokenBlock
 from datamodules.packing import pack, tokenize
 from datamodules.policies.standard import NoMask
 from datamodules.sources import (
@@ -62,7 +62,7 @@ class TensorDictDataset(Dataset):
         return {name: t[index] for name, t in self.tensors.items()}
 
 
-class PretrainingDataModule(L.LightningDataModule):
+class PretrainingDataModule(TokenizedDataModule):
     """Pre-training text for every objective; the masking policy is the only thing that differs.
 
     Args:
@@ -173,18 +173,6 @@ class PretrainingDataModule(L.LightningDataModule):
                 "hf", TEXT_RULES, self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
             )
         return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant)
-
-    @property
-    def tokenizer(self):
-        return self.tokenizer_source.tokenizer
-
-    @property
-    def vocab(self) -> Vocab:
-        return self.tokenizer_source.vocab
-
-    @property
-    def model_vocab(self) -> dict:
-        return self.tokenizer_source.model_vocab()
 
     # ---- text and blocks ---------------------------------------------------------------------
 
