@@ -169,12 +169,14 @@ class MaskingPolicy(Policy, ABC):
         """The policy validation batches are made with: one fixed rule per objective, so every
         variant of an objective is judged on the same task — MLM on a uniform mask at
         `val_mask_ratio`, causal objectives on clean next-token prediction. A policy whose
-        objective is a different task (e.g. second-to-last prediction) returns itself."""
+        objective is a different task (e.g. second-to-last prediction) returns itself.
+        Every chosen MLM token becomes [MASK] (no 80/10/10): a token left in the input would
+        score the model for copying it, not for predicting it."""
         from datamodules.policies.standard import NoMask, RandomMLMMask  # the standard policies subclass this one
 
         if self.objective == "causal":
             return NoMask()
-        policy = RandomMLMMask()
+        policy = RandomMLMMask(mask_prob=1.0, random_prob=0.0)
         policy.ratio = val_mask_ratio
         return policy
 

@@ -44,6 +44,9 @@ def test_mlm_validation_masks_are_fixed_and_causal_validation_is_clean(tmp_path)
     assert torch.equal(first.val_batches["input_ids"], second.val_batches["input_ids"])
     share = first.val_batches["masked"].float().mean().item()
     assert 0.10 < share < 0.17  # val_mask_ratio=0.15, whatever the training ratio
+    labelled = first.val_batches["labels"] != IGNORE_INDEX
+    # every scored token is hidden: with BERT's 80/10/10 a model that copies its input scored ~0.1 for free
+    assert torch.equal(labelled, first.val_batches["input_ids"] == first.vocab.mask_id)
     meap = make(tmp_path, masking=MEAPInputMask())
     meap.setup("fit")
     assert not meap.val_batches["masked"].any()
