@@ -33,7 +33,7 @@ import yaml
 
 from core.errors import ConfigError, MasklabError
 from evaluation.suites import suite_module
-from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study
+from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study, resolve_references
 
 OUTCOME = "outcome.json"  # written into <study>/runs/<arm>/seed_<S>/ when the run is over, ok or failed
 TRAINED = "trained.json"  # written there when its training process ended well, with the model exported
@@ -68,20 +68,25 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def arm_args(study: Study, arm: Arm) -> list[str]:
-    return ["--config", arm.config, *study.args, *arm.args]
+def arm_args(study: Study, arm: Arm, runs: dict[str, str]) -> list[str]:
+    """The arm's `experiments.run` arguments, its `${ARM}` references replaced by `runs`' run dirs."""
+    return ["--config", arm.config, *study.args, *resolve_references(arm.args, runs)]
 
 
 def resolved_config(study: Study, arm: Arm) -> dict:
     """The arm's config as `experiments.run --print_config` resolves it (in this process: the
-    imports are paid once). A config the run parser rejects is a ConfigError naming the arm."""
+    imports are paid once). A config the run parser rejects is a ConfigError naming the arm. Runs
+    not trained yet stand in for `${ARM}` as `runs/ARM/seed_0/version_0` (relative to the study folder)."""
     from experiments.run import main as run_main
 
     out, err = io.StringIO(), io.StringIO()
     code: int | str | None = 0
+    runs = {need: f"runs/{need}/seed_0/version_0" for need in arm.needs}
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main([*arm_args(study, arm), "--seed_everything", "0", "--data.init_args.seed", "0", "--print_config"])
+            run_main(
+                [*arm_args(study, arm, runs), "--seed_everything", "0", "--data.init_args.seed", "0", "--print_config"]
+            )
         except SystemExit as exit_:
             code = exit_.code
     if code not in (0, None):
@@ -231,7 +236,7 @@ def newest_version(experiment: Path) -> Path | None:
 
 
 class Driver:
-    """Runs the study's jobs (arm, seed); a job waits for the run its arm starts from."""
+    """Runs the study's jobs (arm, seed); a job waits for the same-seed runs its arm needs."""
 
     def __init__(self, study: Study, plans: dict[str, ArmPlan], folder: Path, parallel: int) -> None:
         self.study, self.plans, self.folder = study, plans, folder
@@ -246,27 +251,27 @@ class Driver:
     def run_all(self) -> list[Outcome]:
         jobs = sorted(
             ((arm, seed) for arm in self.study.arms for seed in self.study.seeds),
-            key=lambda job: (len(self.study.chain(job[0])), job[1]),
+            key=lambda job: (self.study.depth(job[0]), job[1]),
         )
         futures: dict[tuple[str, int], Future] = {}
         with ThreadPoolExecutor(self.parallel) as pool:
             try:
-                for arm, seed in jobs:
-                    parent = self.study.arms[arm].init_from
-                    futures[arm, seed] = pool.submit(self.job, arm, seed, futures.get((parent, seed)), len(jobs))
+                for arm, seed in jobs:  # a job is queued after the jobs it waits for: the pool cannot deadlock
+                    needs = {need: futures[need, seed] for need in self.study.arms[arm].needs}
+                    futures[arm, seed] = pool.submit(self.job, arm, seed, needs, len(jobs))
                 return [futures[job].result() for job in jobs]
             except BaseException:  # Ctrl-C: the running processes get it too; start no queued run
                 pool.shutdown(cancel_futures=True)
                 raise
 
-    def job(self, arm: str, seed: int, parent: Future | None, total: int) -> Outcome:
+    def job(self, arm: str, seed: int, needs: dict[str, Future], total: int) -> Outcome:
         experiment = self.experiment(arm, seed)
         experiment.mkdir(parents=True, exist_ok=True)
         marker = experiment / OUTCOME
         if marker.is_file() and (previous := Outcome(**json.loads(marker.read_text()))).status == "ok":
             self.progress(total, f"{arm} seed {seed}: finished before, skipped")
             return previous
-        outcome = self.execute(arm, seed, experiment, parent.result() if parent else None)
+        outcome = self.execute(arm, seed, experiment, {need: done.result() for need, done in needs.items()})
         marker.write_text(json.dumps(asdict(outcome), indent=2) + "\n")
         said = (
             f"failed: {outcome.error}"
@@ -281,12 +286,14 @@ class Driver:
             self.done += 1
             print(f"[{self.done}/{total}] {message}", flush=True)
 
-    def execute(self, arm_name: str, seed: int, experiment: Path, parent: Outcome | None) -> Outcome:
+    def execute(self, arm_name: str, seed: int, experiment: Path, needs: dict[str, Outcome]) -> Outcome:
         arm, plan_ = self.study.arms[arm_name], self.plans[arm_name]
         outcome = Outcome(arm_name, seed, "failed", tokens=plan_.max_steps * plan_.tokens_per_step)
-        if parent is not None and parent.status != "ok":
-            outcome.error = f"the run it starts from ({parent.arm} seed {seed}) failed"
+        if failed := [need for need, done in needs.items() if done.status != "ok"]:
+            relation = "starts from" if failed[0] == arm.init_from else "refers to"
+            outcome.error = f"the run it {relation} ({failed[0]} seed {seed}) failed"
             return outcome
+        parent = needs.get(arm.init_from) if arm.init_from else None
         trained = experiment / TRAINED
         if trained.is_file():  # trained before, then stopped or failed in evaluation
             done = json.loads(trained.read_text())
@@ -297,7 +304,7 @@ class Driver:
                 sys.executable,
                 "-m",
                 "experiments.run",
-                *arm_args(self.study, arm),
+                *arm_args(self.study, arm, {need: str(done.run_dir) for need, done in needs.items()}),
                 "--seed_everything",
                 str(seed),
                 "--data.init_args.seed",
@@ -380,13 +387,13 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: di
     where there are any, else the FLOP-based guide."""
     seconds = {name: measured.get(name, p.estimate_s) for name, p in plans.items()}
     rows = [
-        "| arm | config | starts from | tokens/step | steps | tokens | est. time per run here |",
+        "| arm | config | starts from / refers to | tokens/step | steps | tokens | est. time per run here |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, arm in study.arms.items():
         p = plans[name]
         rows.append(
-            f"| {name}{'' if arm.compare else ' (not compared)'} | {arm.config} | {arm.init_from or '-'} | "
+            f"| {name}{'' if arm.compare else ' (not compared)'} | {arm.config} | {', '.join(arm.needs) or '-'} | "
             f"{p.tokens_per_step:,} | {p.max_steps:,} | {p.tokens:,} | {minutes(seconds[name])} "
             f"({'measured' if name in measured else 'FLOP guide'}) |"
         )

@@ -6,6 +6,8 @@ Every mistake the file can hold is found here, before anything trains, and repor
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,25 @@ TOP_KEYS = {
 ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare"}
 DIRECTIONS = ("higher", "lower")
 DEFAULT_SIZE = "cpu"
+REFERENCE = re.compile(r"\$\{([^${}]*)\}")  # ${ARM} in an arm's args: ARM's run directory of the same seed
+
+
+def references(tokens: Iterable[str]) -> list[str]:
+    """The arms that the `${ARM}` references in `tokens` name, each once, in order."""
+    return list(dict.fromkeys(name for token in tokens for name in REFERENCE.findall(token)))
+
+
+def resolve_references(tokens: Iterable[str], runs: Mapping[str, str]) -> list[str]:
+    """`tokens` with every `${ARM}` replaced by `runs[ARM]` (that arm's run directory)."""
+    return [REFERENCE.sub(lambda match: runs[match.group(1)], token) for token in tokens]
 
 
 @dataclass(frozen=True)
 class Arm:
     """One arm: a run config plus overrides. `init_from` names the arm whose run of the same seed
-    this one starts from (pre-train -> fine-tune); `compare: false` arms are trained for others to
-    start from but neither evaluated nor compared."""
+    this one starts from (pre-train -> fine-tune); `${ARM}` in `args` is ARM's run directory of the
+    same seed (e.g. a teacher); `compare: false` arms are trained for others to use but neither
+    evaluated nor compared."""
 
     name: str
     config: str
@@ -45,6 +59,12 @@ class Arm:
     init_from: str | None = None
     budget_tokens: int | None = None
     compare: bool = True
+
+    @property
+    def needs(self) -> dict[str, str]:
+        """The arms whose same-seed runs this arm's run waits for, each with the key that names it."""
+        needs = {} if self.init_from is None else {self.init_from: "init_from"}
+        return {**needs, **{name: f"args: ${{{name}}}" for name in references(self.args) if name not in needs}}
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,10 @@ class Study:
         while (parent := self.arms[names[0]].init_from) is not None:
             names.insert(0, parent)
         return names
+
+    def depth(self, arm: str) -> int:
+        """How many runs deep `arm`'s run waits (0: it needs none); runs start in this order."""
+        return max((1 + self.depth(need) for need in self.arms[arm].needs), default=0)
 
 
 def cli_tokens(values: Any, where: str, errors: list[str]) -> tuple[str, ...]:
@@ -157,19 +181,34 @@ def read_arms(raw: Any, errors: list[str]) -> dict[str, Arm]:
             positive_int(spec.get("budget_tokens"), f"{where}.budget_tokens", errors),
             compare is not False,
         )
-    for arm in arms.values():
-        seen = [arm.name]
-        parent = arm.init_from
-        while parent is not None:
-            if parent not in arms:
-                errors.append(f"arms.{arm.name}.init_from: {parent!r} is not an arm (arms: {', '.join(arms)})")
-                break
-            if parent in seen:
-                errors.append(f"arms.{arm.name}.init_from: the chain {' -> '.join([*seen, parent])} is a cycle")
-                break
-            seen.append(parent)
-            parent = arms[parent].init_from
+    errors += dependency_errors(arms)
     return arms
+
+
+def dependency_errors(arms: dict[str, Arm]) -> list[str]:
+    """Every arm an arm needs (`init_from`, `${ARM}`) must be an arm, and no run may wait for itself."""
+    errors = [
+        f"arms.{arm.name}.{key}: {need!r} is not an arm (arms: {', '.join(arms)})"
+        for arm in arms.values()
+        for need, key in arm.needs.items()
+        if need not in arms
+    ]
+    if errors:
+        return errors
+    for arm in arms.values():
+        if cycle := cycle_from(arms, [arm.name]):
+            return [f"arms.{cycle[0]}.{arms[cycle[0]].needs[cycle[1]]}: the chain {' -> '.join(cycle)} is a cycle"]
+    return []
+
+
+def cycle_from(arms: dict[str, Arm], path: list[str]) -> list[str] | None:
+    """A cycle of needs reachable from the end of `path`, from where it closes, or None."""
+    for need in arms[path[-1]].needs:
+        if need in path:
+            return [*path[path.index(need) :], need]
+        if cycle := cycle_from(arms, [*path, need]):
+            return cycle
+    return None
 
 
 def resolve_size(raw: dict, size: str, file: str) -> dict:
@@ -254,6 +293,11 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
         file=str(path),
         size=size,
     )
+    if shared := references(study.args):
+        errors.append(
+            f"args: ${{{shared[0]}}}: an arm's run can be referred to in arm args only "
+            f"(the study's args reach every arm, {shared[0]!r} too)"
+        )
     if errors:
         raise ConfigError([f"{path}: {e}" for e in errors])
     return study

@@ -101,6 +101,72 @@ def test_a_broken_study_file_names_the_key(tmp_path):
         load_study(write_study(tmp_path), size="tpu")
 
 
+@pytest.mark.parametrize(
+    "arms, args, message",
+    [
+        (
+            {"ntp": {"config": NTP, "args": ["--data.init_args.tokenizer_path", "${big}/hf_model"]}},
+            [],
+            r"arms.ntp.args: \$\{big\}: 'big' is not an arm \(arms: ntp\)",
+        ),
+        (
+            {"ntp": {"config": NTP, "args": ["--model.init_args.init_from", "${ntp}"]}},
+            [],
+            r"arms.ntp.args: \$\{ntp\}: the chain ntp -> ntp is a cycle",
+        ),
+        (
+            {
+                "ntp": {"config": NTP, "init_from": "meap"},
+                "meap": {"config": MEAP, "args": ["--trainer.callbacks", "[{teacher_path: ${ntp}/hf_model}]"]},
+            },
+            [],
+            r"arms.ntp.init_from: the chain ntp -> meap -> ntp is a cycle",
+        ),
+        (
+            {"ntp": {"config": NTP}},
+            ["--data.init_args.tokenizer_path", "${ntp}/hf_model"],
+            r"args: \$\{ntp\}: an arm's run can be referred to in arm args only",
+        ),
+    ],
+    ids=["no such arm", "itself", "a cycle through init_from", "in the study args"],
+)
+def test_a_bad_arm_reference_names_the_key(tmp_path, arms, args, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_study(write_study(tmp_path, arms=arms, args=args))
+    assert len(error.value.errors) == 1
+
+
+def test_a_reference_is_the_same_seed_run_of_the_arm_it_names(tmp_path, monkeypatch):
+    distil = ["--data.init_args.tokenizer_path", "${big}/hf_model", "--data.init_args.cache_dir", "${big}-${ntp}"]
+    arms = {
+        "kd": {"config": NTP, "args": distil},  # listed before the arm it needs: the driver orders them
+        "big": {"config": NTP, "compare": False},
+        "ntp": {"config": NTP},
+    }
+    study = load_study(write_study(tmp_path, arms=arms, baseline="ntp"))
+    assert study.arms["kd"].needs == {"big": "args: ${big}", "ntp": "args: ${ntp}"} and study.depth("kd") == 1
+    config = driver.resolved_config(study, study.arms["kd"])  # the plan: a stand-in for the run not trained yet
+    assert config["data"]["init_args"]["tokenizer_path"] == "runs/big/seed_0/version_0/hf_model"
+    calls: list = []
+    monkeypatch.setattr(driver, "launch", fake_launch(calls))
+    outcomes = Driver(study, fake_plans(study), tmp_path, parallel=2).run_all()
+    assert all(o.status == "ok" for o in outcomes)
+    trained = [c[c.index("--experiment") + 1] for c in calls if "--experiment" in c]
+    assert trained.index("kd/seed_1") > trained.index("big/seed_1")
+    kd = next(c for c in calls if "kd/seed_1" in c)
+    big = str(tmp_path / "runs" / "big" / "seed_1" / "version_0")
+    ntp = str(tmp_path / "runs" / "ntp" / "seed_1" / "version_0")
+    assert kd[kd.index("--data.init_args.tokenizer_path") + 1] == f"{big}/hf_model"
+    assert kd[kd.index("--data.init_args.cache_dir") + 1] == f"{big}-{ntp}"
+    assert "--model.init_args.init_from" not in kd  # a reference is not init_from
+    calls.clear()
+    monkeypatch.setattr(driver, "launch", fake_launch(calls, broken="big"))
+    outcomes = Driver(study, fake_plans(study), tmp_path / "again", parallel=1).run_all()
+    assert {o.error for o in outcomes if o.arm == "kd"} == {
+        f"the run it refers to (big seed {s}) failed" for s in (0, 1)
+    }
+
+
 def test_a_size_replaces_top_level_keys_and_appends_args(tmp_path):
     path = write_study(tmp_path, sizes={"gpu": {"seeds": [3, 5], "args": ["--trainer.precision", "bf16-mixed"]}})
     gpu = load_study(path, size="gpu")
