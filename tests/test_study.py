@@ -371,3 +371,22 @@ def test_every_shipped_study_reads_at_both_sizes(path, size):
     assert study.name == path.stem and study.size == size
     assert study.baseline in study.compared and len(study.compared) >= 2
     assert len(study.seeds) >= 3
+
+
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_entropy_masking_trains_its_teacher_and_every_student_takes_its_tokenizer(size):
+    """The teacher arm trains its own BPE; every other arm's last tokenizer_path is the teacher's
+    same-seed run, so a seed's teacher and students share one vocabulary (and KD / teacher entropy
+    can use it); the teacher trains 4x a student's budget."""
+    study = load_study("experiments/configs/studies/entropy_masking.yaml", size=size)
+    teacher = study.arms["mlm_teacher"]
+    assert not teacher.compare and not teacher.needs and "--data.init_args.tokenizer_path" not in study.args
+    assert teacher.budget_tokens == 4 * study.budget_tokens
+    for arm in study.compared:
+        args = [*study.args, *study.arms[arm].args]
+        last = len(args) - 1 - args[::-1].index("--data.init_args.tokenizer_path")
+        assert args[last + 1] == "${mlm_teacher}/hf_model", arm
+    assert (
+        "${mlm_teacher}/hf_model" in study.arms["kd"].args
+        and "${mlm_teacher}/hf_model" in study.arms["teacher"].args[-1]
+    )
