@@ -38,6 +38,7 @@ SUITES = {
     "ppl": "perplexity",
     "glue": "glue",
     "attention": "attention",
+    "second_to_last": "second_to_last",
 }
 
 
@@ -50,6 +51,7 @@ DATA_FIELDS = {
     "ppl": ("text",),
     "glue": ("tasks",),
     "attention": ("text",),
+    "second_to_last": ("text",),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 

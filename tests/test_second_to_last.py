@@ -1,14 +1,18 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from datamodules.masking import IGNORE_INDEX, TokenBlock
 from datamodules.policies.swap import SecondToLastSwap, swap_pairs
+from evaluation import second_to_last
+from evaluation.model import LoadedModel
+from evaluation.second_to_last import refine, refine_scores
 from experiments.run import main as run_main
-from experiments.second_to_last_eval import main, refine, refine_scores
-from tests.conftest import PAD
+from experiments.second_to_last_eval import main
+from tests.conftest import PAD, make_vocab
 
 
 def swap(ids, vocab, block_length=4):
@@ -81,7 +85,9 @@ def test_eval_compares_against_ntp_and_refines(tiny_args, tmp_path):
     written = json.loads((runs / "second_to_last" / "version_0" / "second_to_last_eval.json").read_text())
     assert written == pytest.approx(result)
     assert result["block_length"] == 4 and result["block_size"] == 32  # from the run's config
-    assert result["targets"] == 6 * 7 and result["refine_targets"] == 6 * 7
+    assert result["targets"] == 6 * 7
+    assert result["refine_gain"] == pytest.approx(result["refined_top1_acc"] - result["next_token_top1_acc"])
+    assert result["acc_gain"] == pytest.approx(result["second_to_last_acc"] - result["next_token_acc_same_targets"])
     for key in (
         "second_to_last_acc",
         "next_token_acc_same_targets",
@@ -101,3 +107,60 @@ def test_eval_refuses_a_masked_model(tiny_args, tmp_path, capsys):
         main(["--stl", run, "--ntp", run])
     assert exit_info.value.code == 2
     assert "is a masked language model" in capsys.readouterr().err
+
+
+class Rule(torch.nn.Module):
+    """A fake causal model: the logit of token v after input x is `scores[(v - x) mod V]`, else -((v - x) mod V)."""
+
+    def __init__(self, size: int, scores: dict[int, float]) -> None:
+        super().__init__()
+        self.size, self.scores = size, scores
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        offset = (torch.arange(self.size) - input_ids[..., None]) % self.size  # [B, L, V]
+        logits = -offset.float()
+        for d, score in self.scores.items():
+            logits[offset == d] = score
+        return SimpleNamespace(logits=logits)
+
+
+def test_suite_numbers_on_hand_made_models():
+    size = 40
+    vocab = make_vocab(size)
+    # NTP: next = x + 2, then x + 1 (0.02 less: inside the log(1.05) bonus), then x + 3; STL: the token before x
+    ntp = LoadedModel(Rule(size, {2: 1.0, 1: 0.98, 3: 0.5}), None, vocab, "causal")
+    stl = LoadedModel(Rule(size, {size - 1: 10.0}), None, vocab, "causal")
+    blocks = torch.tensor(
+        [
+            [5, 7, 8, 9, 10, 11, 12, 13, 14],  # steps of 1: NTP wrong, STL right, refinement fixes both n
+            [5, 7, 9, 11, 13, 15, 17, 19, 21],  # steps of 2: NTP right, STL wrong, refinement breaks both n
+            [15, 17, 18, 19, 20, 21, 22, 23, 24],
+        ]
+    )
+    # l = 4: swap positions p = 3, 7 (targets t(p)); refined n = 4, 8; 6 targets of each kind
+    alone = second_to_last.next_token_scores(ntp, blocks, 4, 3, batch_size=2)
+    both = second_to_last.second_to_last_scores(stl, ntp, blocks, 4, 3, 0.05, "logprob", batch_size=2)
+    metrics = second_to_last.metrics_of(alone, both, 3)
+    expected = {
+        "acc": 4 / 6,  # second-to-last: rows 1 and 3
+        "top1_acc": 4 / 6,  # refined
+        "second_to_last_acc": 4 / 6,
+        "next_token_acc_same_targets": 2 / 6,  # row 2 only
+        "acc_gain": 2 / 6,
+        "next_token_acc_all": (1 + 8 + 1) / 24,  # rows 1 and 3: only the first step is +2
+        "next_token_top1_acc": 2 / 6,
+        "refined_top1_acc": 4 / 6,
+        "refine_gain": 2 / 6,
+        "next_token_top3_recall": 1.0,
+        "stl_recovers_context_share": 1.0,
+    }
+    assert metrics == pytest.approx(expected)
+    assert list(metrics) == list(expected)
+    # the NTP arm alone: its acc and top1_acc are what the STL arm's are compared with
+    assert second_to_last.metrics_of(alone, None, 3) == pytest.approx(
+        {"acc": 2 / 6, "top1_acc": 2 / 6, "next_token_acc_all": 10 / 24, "next_token_top3_recall": 1.0}
+    )
+    # the reference's logit bonus: 0.98 x 1.05 = 1.029 > 1.0 also flips to the recovered candidate
+    logit = second_to_last.second_to_last_scores(stl, ntp, blocks, 4, 3, 0.05, "logit", batch_size=3)
+    assert logit["refined_top1_acc"] == pytest.approx(4 / 6)
