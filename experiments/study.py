@@ -194,6 +194,9 @@ def identity(study: Study) -> dict:
     fields = asdict(study)
     for key in ("seeds", "file", "question"):
         fields.pop(key)
+    for arm in fields["arms"].values():  # folders started before arms had evaluate_args resume as they were
+        if not arm["evaluate_args"]:
+            del arm["evaluate_args"]
     return json.loads(json.dumps(fields))
 
 
@@ -337,7 +340,8 @@ class Driver:
         outcome.run_dir = str(run)
         if arm.compare and self.study.suites:
             start = time.perf_counter()
-            code = launch(self.evaluate_command(run, seed), experiment / "eval.log", self.threads)
+            runs = {need: str(done.run_dir) for need, done in needs.items()}
+            code = launch(self.evaluate_command(arm, run, seed, runs), experiment / "eval.log", self.threads)
             outcome.eval_s = time.perf_counter() - start
             if code != 0:
                 outcome.error = f"evaluation: {failure(experiment / 'eval.log')} (log: {experiment / 'eval.log'})"
@@ -345,9 +349,10 @@ class Driver:
         outcome.status = "ok"
         return outcome
 
-    def evaluate_command(self, run: Path, seed: int) -> list[str]:
+    def evaluate_command(self, arm: Arm, run: Path, seed: int, runs: dict[str, str]) -> list[str]:
         """Each suite's examples are drawn with the run's seed (the built-in corpus of that seed is the
-        one the run trained on); the study's evaluate args come after, so they can override it."""
+        one the run trained on); the study's evaluate args come after, so they can override it, then
+        the arm's evaluate_args, their `${ARM}` references replaced by `runs`' run dirs."""
         seeded = [
             token
             for suite in self.study.suites
@@ -364,6 +369,7 @@ class Driver:
             ",".join(self.study.suites),
             *seeded,
             *self.study.eval_args,
+            *resolve_references(arm.evaluate_args, runs),
         ]
 
 

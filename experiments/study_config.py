@@ -30,7 +30,7 @@ TOP_KEYS = {
     "metrics",
     "sizes",
 }
-ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare"}
+ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare", "evaluate_args"}
 DIRECTIONS = ("higher", "lower")
 DEFAULT_SIZE = "cpu"
 REFERENCE = re.compile(r"\$\{([^${}]*)\}")  # ${ARM} in an arm's args: ARM's run directory of the same seed
@@ -51,7 +51,8 @@ class Arm:
     """One arm: a run config plus overrides. `init_from` names the arm whose run of the same seed
     this one starts from (pre-train -> fine-tune); `${ARM}` in `args` is ARM's run directory of the
     same seed (e.g. a teacher); `compare: false` arms are trained for others to use but neither
-    evaluated nor compared."""
+    evaluated nor compared. `evaluate_args` are this arm's own `experiments.evaluate` tokens, where
+    `${ARM}` is also ARM's run (e.g. the next-token run a second-to-last model is compared with)."""
 
     name: str
     config: str
@@ -59,12 +60,15 @@ class Arm:
     init_from: str | None = None
     budget_tokens: int | None = None
     compare: bool = True
+    evaluate_args: tuple[str, ...] = ()
 
     @property
     def needs(self) -> dict[str, str]:
         """The arms whose same-seed runs this arm's run waits for, each with the key that names it."""
         needs = {} if self.init_from is None else {self.init_from: "init_from"}
-        return {**needs, **{name: f"args: ${{{name}}}" for name in references(self.args) if name not in needs}}
+        for key, tokens in (("args", self.args), ("evaluate_args", self.evaluate_args)):
+            needs |= {name: f"{key}: ${{{name}}}" for name in references(tokens) if name not in needs}
+        return needs
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,10 @@ def read_arms(raw: Any, errors: list[str]) -> dict[str, Arm]:
             None if spec.get("init_from") is None else str(spec["init_from"]),
             positive_int(spec.get("budget_tokens"), f"{where}.budget_tokens", errors),
             compare is not False,
+            cli_tokens(spec.get("evaluate_args"), f"{where}.evaluate_args", errors),
         )
+        if spec.get("evaluate_args") and compare is False:
+            errors.append(f"{where}.evaluate_args: a compare: false arm is not evaluated")
     errors += dependency_errors(arms)
     return arms
 
@@ -297,6 +304,11 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
         errors.append(
             f"args: ${{{shared[0]}}}: an arm's run can be referred to in arm args only "
             f"(the study's args reach every arm, {shared[0]!r} too)"
+        )
+    if shared := references(study.eval_args):
+        errors.append(
+            f"evaluate.args: ${{{shared[0]}}}: an arm's run can be referred to in an arm's evaluate_args only "
+            f"(evaluate.args reach every arm, {shared[0]!r} too)"
         )
     if errors:
         raise ConfigError([f"{path}: {e}" for e in errors])

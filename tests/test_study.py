@@ -300,7 +300,7 @@ def test_evaluation_draws_with_the_run_seed_and_the_study_args_come_last(tmp_pat
     study = load_study(
         write_study(tmp_path, evaluate={"suites": ["retrieval", "ppl"], "args": ["--retrieval.items", 4]})
     )
-    command = Driver(study, fake_plans(study), tmp_path, 1).evaluate_command(Path("RUN"), 7)
+    command = Driver(study, fake_plans(study), tmp_path, 1).evaluate_command(study.arms["ntp"], Path("RUN"), 7, {})
     assert command[2:] == [
         "experiments.evaluate",
         "--run",
@@ -314,6 +314,48 @@ def test_evaluation_draws_with_the_run_seed_and_the_study_args_come_last(tmp_pat
         "--retrieval.items",
         "4",
     ]
+
+
+def test_an_arms_evaluation_refers_to_the_same_seed_run_of_another_arm(tmp_path, monkeypatch):
+    arms = {
+        "stl": {"config": NTP, "evaluate_args": ["--second_to_last.ntp", "${ntp}", "--second_to_last.top_k", 3]},
+        "ntp": {"config": NTP},
+    }
+    evaluate = {"suites": ["second_to_last"], "args": ["--second_to_last.top_k", 5]}
+    metrics = {"eval/second_to_last/acc": "higher"}
+    study = load_study(write_study(tmp_path, arms=arms, evaluate=evaluate, metrics=metrics))
+    assert study.arms["stl"].needs == {"ntp": "evaluate_args: ${ntp}"} and study.depth("stl") == 1
+    calls: list = []
+    monkeypatch.setattr(driver, "launch", fake_launch(calls))
+    assert all(o.status == "ok" for o in Driver(study, fake_plans(study), tmp_path, parallel=2).run_all())
+    for seed in (0, 1):
+        stl = next(
+            c for c in calls if c[2] == "experiments.evaluate" and f"stl/seed_{seed}/" in c[c.index("--run") + 1]
+        )
+        ntp = str(tmp_path / "runs" / "ntp" / f"seed_{seed}" / "version_0")
+        assert stl[stl.index("--second_to_last.seed") :] == [
+            "--second_to_last.seed",
+            str(seed),
+            "--second_to_last.top_k",
+            "5",
+            "--second_to_last.ntp",
+            ntp,  # the run of the same seed
+            "--second_to_last.top_k",
+            "3",  # the arm's evaluate_args come last
+        ]
+    ntp_eval = next(c for c in calls if c[2] == "experiments.evaluate" and "ntp/seed_0/" in c[c.index("--run") + 1])
+    assert "--second_to_last.ntp" not in ntp_eval
+    bad = {"stl": {"config": NTP, "evaluate_args": ["--second_to_last.ntp", "${nope}"]}, "ntp": {"config": NTP}}
+    with pytest.raises(
+        ConfigError, match=r"^.*arms.stl.evaluate_args: \$\{nope\}: 'nope' is not an arm \(arms: stl, ntp\)$"
+    ) as error:
+        load_study(write_study(tmp_path, arms=bad, evaluate=evaluate, metrics=metrics))
+    assert len(error.value.errors) == 1
+    shared = {"suites": ["second_to_last"], "args": ["--second_to_last.ntp", "${ntp}"]}
+    with pytest.raises(
+        ConfigError, match=r"evaluate.args: \$\{ntp\}: an arm's run can be referred to in an arm's evaluate_args only"
+    ):
+        load_study(write_study(tmp_path, evaluate=shared, metrics=metrics))
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys, monkeypatch):
