@@ -39,6 +39,7 @@ SUITES = {
     "glue": "glue",
     "attention": "attention",
     "second_to_last": "second_to_last",
+    "entropy": "entropy",
 }
 
 
@@ -52,6 +53,7 @@ DATA_FIELDS = {
     "glue": ("tasks",),
     "attention": ("text",),
     "second_to_last": ("text",),
+    "entropy": ("text",),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 

@@ -7,10 +7,9 @@ distribution with the share of "forking" tokens above a threshold (arXiv 2506.01
 entropy and accuracy by position within the sentence (..., -3, penultimate, last), and by
 token-frequency bucket. This is how a user sees *why* a position is worth masking.
 
-A causal model is scored on each next token. A masked model is scored on each token while it
-is hidden: the tokens of a block are split at random into 1/mask_ratio groups and each group
-is masked in its own pass, so every token is predicted once, in a context as masked as in
-training.
+Tokens are scored as the `entropy` evaluation suite scores them (evaluation/entropy.py, whose
+accuracy by position a study can compare): a causal model on each next token, a masked model on
+each token while it is hidden by [MASK], every token once.
 """
 
 from __future__ import annotations
@@ -26,86 +25,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from callbacks.entropy_analysis import FORKING_THRESHOLD, by_position, forking_stats
 from core.errors import MasklabError
-from datamodules.masking import TokenBlock
-from datamodules.policies.sentence import rank_from_end
+from evaluation.entropy import score_tokens
 from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel, load_model
-from lightning_modules.base import predictive_entropy
 
 FREQUENCY_BUCKETS = ((1, 10), (11, 100), (101, 1000), (1001, None))  # type ranks, most frequent = 1
-
-
-@torch.no_grad()
-def score_tokens(
-    loaded: LoadedModel, blocks: Tensor, batch_size: int, mlm_mask_ratio: float, seed: int
-) -> dict[str, Tensor]:
-    """Per predicted token, flattened to [N]: target id, entropy, correct, loss, sentence rank.
-    Special-token targets (BOS, EOS, padding) are left out."""
-    rank = rank_from_end(TokenBlock.from_ids(blocks, loaded.vocab))  # [B, L]
-    entropy = torch.zeros(blocks.shape)
-    log_p_true = torch.zeros(blocks.shape)
-    correct = torch.zeros(blocks.shape, dtype=torch.bool)
-    scored = torch.zeros(blocks.shape, dtype=torch.bool)
-    groups = max(1, round(1 / mlm_mask_ratio))
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start : start + batch_size]  # [b, L]
-        rows = slice(start, start + len(ids))
-        if loaded.objective == "causal":
-            logits = loaded.model(input_ids=ids).logits[:, :-1].float()  # [b, L-1, V] predicts ids[:, 1:]
-            _fill(
-                rows,
-                slice(1, None),
-                logits,
-                ids[:, 1:],
-                torch.ones_like(ids[:, 1:], dtype=torch.bool),
-                entropy,
-                log_p_true,
-                correct,
-                scored,
-            )
-            continue
-        group = torch.rand(ids.shape, generator=generator).argsort(1) % groups  # [b, L] each token in one group
-        for g in range(groups):
-            hidden = (group == g) & ~loaded.vocab.is_special[ids]
-            logits = loaded.model(input_ids=ids.masked_fill(hidden, loaded.vocab.mask_id)).logits.float()
-            _fill(rows, slice(None), logits, ids, hidden, entropy, log_p_true, correct, scored)
-    keep = scored & ~loaded.vocab.is_special[blocks]
-    return {
-        "token": blocks[keep],
-        "entropy": entropy[keep],
-        "correct": correct[keep],
-        "loss": -log_p_true[keep],
-        "rank": rank[keep],
-    }
-
-
-def _fill(
-    rows: slice,
-    cols: slice,
-    logits: Tensor,
-    targets: Tensor,
-    where: Tensor,
-    entropy: Tensor,
-    log_p_true: Tensor,
-    correct: Tensor,
-    scored: Tensor,
-) -> None:
-    """Write the scores of `logits` [b, l, V] for `targets` [b, l] at the positions `where`."""
-    log_p = F.log_softmax(logits, -1)
-    for out, value in (
-        (entropy, predictive_entropy(logits)),
-        (log_p_true, log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)),
-        (correct, logits.argmax(-1) == targets),
-        (scored, torch.ones_like(where)),
-    ):
-        view = out[rows, cols]
-        view[where] = value[where]
 
 
 def by_frequency(scores: dict[str, Tensor]) -> list[dict]:
@@ -251,10 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
         blocks = heldout_blocks(
             heldout_texts(args.text, args.seed, args.documents), loaded, block_size, args.max_blocks
         )
+        scores = score_tokens(loaded, blocks, args.batch_size, args.mlm_mask_ratio, args.seed)
     except MasklabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    scores = score_tokens(loaded, blocks, args.batch_size, args.mlm_mask_ratio, args.seed)
     summary = {
         "model": str(loaded.path),
         "objective": loaded.objective,
