@@ -99,7 +99,7 @@ class TokenizerSource:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self.path:
             return load_tokenizer(self.path)
-        return cached_bpe(self.cache_dir, self.key, self.texts(), self.vocab_size)
+        return cached_bpe(self.cache_dir, self.key, self.texts, self.vocab_size)
 
     @cached_property
     def vocab(self) -> Vocab:

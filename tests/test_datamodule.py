@@ -23,8 +23,9 @@ def test_builtin_pipeline_gives_masked_batches_and_caches(tmp_path):
     assert torch.equal(batch["labels"] != IGNORE_INDEX, batch["masked"])
     assert len(list((tmp_path / "cache" / "blocks").glob("*.npy"))) == 2
     assert dm.tokenizer.mask_token == "<mask>" and len(dm.tokenizer) <= 400
-    # a second datamodule reuses the cached tokenizer and blocks
+    # a second datamodule reuses the cached tokenizer and blocks, and never builds the text
     again = make(tmp_path, masking=RandomMLMMask())
+    again._texts = lambda split: pytest.fail(f"the {split} text was built, but the tokenizer and blocks are cached")
     again.setup("fit")
     np.testing.assert_array_equal(again.train_blocks, dm.train_blocks)
 

@@ -70,6 +70,16 @@ def datamodule(tmp_path, records, **kwargs):
     return dm
 
 
+def test_a_cached_tokenizer_is_found_without_building_the_text(tmp_path):
+    args = dict(builtin_documents=40, vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    first = FineTuneDataModule(**args)
+    first.prepare_data()  # trains and caches the BPE
+    again = FineTuneDataModule(**args)
+    again._texts = lambda split: pytest.fail(f"the {split} text was built, but the tokenizer is cached")
+    again.prepare_data()
+    assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab() and len(again.tokenizer) == 300
+
+
 def test_concatenated_copies_without_room_are_counted_and_warned(tmp_path):
     long_answer = " ".join(["30"] * 51)
     records = [{"prompt": "10 11", "answer": long_answer}] * 3 + [{"prompt": "10", "answer": "30"}] * 3
