@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from callbacks.entropy_analysis import FORKING_THRESHOLD
+from evaluation import entropy
 from evaluation.entropy import position_metrics, score_tokens
-from evaluation.model import LoadedModel
+from evaluation.model import LoadedModel, load_model
 from experiments.analyze_entropy import main
 from experiments.run import main as run_main
 from tests.conftest import BOS, FULL_STOP, make_vocab
@@ -51,6 +52,12 @@ def test_analysis_of_a_tiny_run_writes_json_and_plots(config, objective, tiny_ar
     assert sum(b["count"] for b in written["by_frequency"]) == written["n_tokens"]
     assert sum(written["histogram"]["counts"]) == written["n_tokens"]
     assert written["n_tokens"] > 200 and 0 <= summary["forking_share"] <= 1
+    # the entropy suite scores the same tokens the same way
+    suite = entropy.run(load_model(str(run)), entropy.Options(documents=20, max_blocks=8))
+    assert suite.metrics["acc"] == pytest.approx(written["accuracy"])
+    assert suite.metrics["acc_penultimate"] == pytest.approx(positions["penultimate"]["accuracy"])
+    assert suite.metrics["entropy_last"] == pytest.approx(positions["last"]["mean_entropy"])
+    assert suite.details["counts"]["last"] == positions["last"]["count"]
 
 
 def test_an_hf_model_folder_and_a_text_file_work_too(tiny_args, tmp_path):
