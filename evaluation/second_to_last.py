@@ -155,9 +155,13 @@ def second_to_last_scores(
     }
 
 
+def masking_of(loaded: LoadedModel) -> dict:
+    """The run's `data.init_args.masking` ({} for a bare hf_model folder)."""
+    return loaded.run_config.get("data", {}).get("init_args", {}).get("masking") or {}
+
+
 def block_length_of(loaded: LoadedModel, given: int | None) -> int:
-    masking = loaded.run_config.get("data", {}).get("init_args", {}).get("masking") or {}
-    block_length = given or (masking.get("init_args") or {}).get("block_length") or 4
+    block_length = given or (masking_of(loaded).get("init_args") or {}).get("block_length") or 4
     SecondToLastSwap(block_length)  # validates it
     return block_length
 
@@ -193,6 +197,11 @@ def partner(loaded: LoadedModel, options: Options) -> LoadedModel | None:
     if loaded.objective != "causal":
         raise DataError(f"second_to_last: {loaded.path} is a masked language model; the suite scores causal models")
     if options.ntp is None:
+        if str(masking_of(loaded).get("class_path", "")).endswith("SecondToLastSwap"):
+            raise DataError(
+                f"second_to_last.ntp: {loaded.path} is a second-to-last model; name the next-token run it is "
+                "compared with (without ntp the evaluated model is scored as the next-token model)"
+            )
         return None
     ntp = load_model(options.ntp)
     if ntp.objective != "causal":

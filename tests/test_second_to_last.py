@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from core.errors import DataError
 from datamodules.masking import IGNORE_INDEX, TokenBlock
 from datamodules.policies.swap import SecondToLastSwap, swap_pairs
 from evaluation import second_to_last
-from evaluation.model import LoadedModel
+from evaluation.model import LoadedModel, load_model
 from evaluation.second_to_last import refine, refine_scores
 from experiments.run import main as run_main
 from experiments.second_to_last_eval import main
@@ -88,6 +89,13 @@ def test_eval_compares_against_ntp_and_refines(tiny_args, tmp_path):
     assert result["targets"] == 6 * 7
     assert result["refine_gain"] == pytest.approx(result["refined_top1_acc"] - result["next_token_top1_acc"])
     assert result["acc_gain"] == pytest.approx(result["second_to_last_acc"] - result["next_token_acc_same_targets"])
+    # the NTP run scored alone gives the numbers its partner gave: a study's paired differences are the gains
+    options = second_to_last.Options(documents=20, max_blocks=6, top_k=3)
+    alone = second_to_last.run(load_model(str(runs / "ntp" / "version_0")), options).metrics
+    assert alone["acc"] == pytest.approx(result["next_token_acc_same_targets"])
+    assert alone["top1_acc"] == pytest.approx(result["next_token_top1_acc"])
+    with pytest.raises(DataError, match="is a second-to-last model; name the next-token run"):
+        second_to_last.run(load_model(str(runs / "second_to_last" / "version_0")), options)
     for key in (
         "second_to_last_acc",
         "next_token_acc_same_targets",
