@@ -10,10 +10,12 @@ masklab asks mean something on it:
 * facts ("The code of Velora is 4812.") stated early in a document and asked for again later
   ("Recall: the code of Velora is 4812."), so long-range retrieval can be trained and measured.
 
-The `retrieval_dense` variant trades language for retrieval, so that a model small enough to train
-on a CPU learns to retrieve early: short documents made mostly of key-value facts, each recalled a
-controlled number of sentences after it is stated, and, in equal shares, the two prompt forms of the
-retrieval suite (JSON records, numbered documents) followed by their answer.
+The `retrieval_dense` variant trades language for retrieval: short documents made mostly of key-value
+facts, each recalled a controlled number of sentences after it is stated, and, in equal shares, the two
+prompt forms of the retrieval suite (JSON records, numbered documents) followed by their answer. It was
+built so that a model small enough to train on a CPU would learn to retrieve early; measured, a 64-wide
+2-layer decoder still retrieves nothing after 3M tokens of it (experiments/configs/studies/meap_vs_ntp.yaml
+gives the calibration), so retrieval questions need larger models than a CPU trains.
 """
 
 from __future__ import annotations
