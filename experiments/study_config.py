@@ -6,16 +6,21 @@ Every mistake the file can hold is found here, before anything trains, and repor
 
 from __future__ import annotations
 
+import difflib
 import re
+from argparse import ArgumentError
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from core.errors import ConfigError
-from evaluation.suites import SUITES
+from evaluation.suites import SUITES, group_name, parse_suites
+from experiments.evaluate import build_parser
 
 TOP_KEYS = {
     "name",
@@ -156,6 +161,62 @@ def metric_error(metric: str, suites: tuple[str, ...]) -> str | None:
     if suite not in suites:
         return f"metrics: {metric!r}: no chosen suite produces it (evaluate.suites: {list(suites)}; add {suite!r})"
     return None
+
+
+@cache
+def evaluate_parser() -> ArgumentParser:
+    """`experiments.evaluate`'s own parser, built once, raising instead of exiting."""
+    parser = build_parser()
+    parser.exit_on_error = False
+    return parser
+
+
+def evaluated_groups(suites: tuple[str, ...], tokens: tuple[str, ...]) -> set[str]:
+    """The result groups (`ppl`, `ppl@valid`, ...) that `experiments.evaluate --suites suites
+    *tokens` writes, found by its own parser and `group_name`; ArgumentError or ConfigError when it
+    would refuse the tokens. `${ARM}` stands for a run dir, unknown here: the arm's name takes its place."""
+    tokens = tuple(resolve_references(tokens, {name: name for name in references(tokens)}))
+    parser = evaluate_parser()
+    config = parser.parse_args(["--run", ".", "--suites", ",".join(suites), *tokens])
+    options = parser.instantiate(config)
+    return {group_name(name, options[name]) for name in parse_suites(config.suites)}
+
+
+def arm_groups(
+    suites: tuple[str, ...], eval_args: tuple[str, ...], arms: dict[str, Arm], errors: list[str]
+) -> set[str]:
+    """Every result group that some compared arm's evaluation writes (the study's evaluate args,
+    then the arm's evaluate_args, as `experiments.study` passes them); a refused token is an error."""
+    where = {(): "evaluate.args"} | {
+        arm.evaluate_args: f"arms.{arm.name}.evaluate_args"
+        for arm in arms.values()
+        if arm.compare and arm.evaluate_args
+    }
+    groups: set[str] = set()
+    for arm_args, key in where.items():  # arms without evaluate_args share the study's parse
+        try:
+            groups |= evaluated_groups(suites, (*eval_args, *arm_args))
+        except (ArgumentError, ConfigError) as err:
+            errors.append(f"{key}: experiments.evaluate refuses them: {' '.join(str(err).split())}")
+            return set()
+    return groups
+
+
+def group_error(metric: str, groups: set[str], size: str) -> str | None:
+    """Why no evaluation of the study writes `metric` (an `eval/<group>/<name>` key), or None:
+    an option that chooses other data puts a suite's results under `<suite>@<data>`."""
+    group, _, name = metric.removeprefix("eval/").partition("/")
+    if not metric.startswith("eval/") or group in groups:
+        return None
+    suite = group.partition("@")[0]
+    written = sorted(g for g in groups if g.partition("@")[0] == suite)
+    if not written:  # evaluate.args gave --suites without it
+        return f"metrics.{metric}: no evaluation runs the {suite} suite with these evaluate args (size {size})"
+    closest = difflib.get_close_matches(group, written, n=1, cutoff=0)[0]
+    return (
+        f"metrics.{metric}: the {suite} suite writes {' and '.join(f'eval/{g}/...' for g in written)} "
+        f"with these evaluate args (size {size}), not eval/{group}/...: did you mean eval/{closest}/{name}?"
+    )
 
 
 def read_arms(raw: Any, errors: list[str]) -> dict[str, Arm]:
@@ -310,6 +371,10 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
             f"evaluate.args: ${{{shared[0]}}}: an arm's run can be referred to in an arm's evaluate_args only "
             f"(evaluate.args reach every arm, {shared[0]!r} too)"
         )
+    if study.suites and (groups := arm_groups(study.suites, study.eval_args, arms, errors)):
+        for metric in study.metrics:
+            if not metric_error(metric, study.suites) and (error := group_error(metric, groups, size)):
+                errors.append(error)
     if errors:
         raise ConfigError([f"{path}: {e}" for e in errors])
     return study

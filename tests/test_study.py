@@ -53,6 +53,15 @@ def write_study(folder: Path, **overrides) -> str:
             [],
             "'eval/needle/acc': no chosen suite produces it",
         ),
+        (
+            {
+                "metrics": {"eval/ppl/ppl": "lower"},
+                "evaluate": {"suites": ["ppl"], "args": ["--ppl.text", "a/valid.txt"]},
+            },
+            [],
+            "metrics.eval/ppl/ppl: the ppl suite writes eval/ppl@valid/... with these evaluate args (size cpu), "
+            "not eval/ppl/...: did you mean eval/ppl@valid/ppl?",
+        ),
         ({"seeds": 0}, [], "seeds must be at least 1, got 0"),
         ({}, ["--seeds", "0"], "--seeds must be at least 1, got 0"),
         (
@@ -66,6 +75,7 @@ def write_study(folder: Path, **overrides) -> str:
         "unknown metric",
         "unknown suite",
         "metric of no chosen suite",
+        "metric of a group its evaluation does not write",
         "seeds 0",
         "--seeds 0",
         "unequal budgets",
@@ -99,6 +109,50 @@ def test_a_broken_study_file_names_the_key(tmp_path):
         load_study(write_study(tmp_path, baseline="gpt"))
     with pytest.raises(ConfigError, match=r"--size 'tpu' is not a size of this study"):
         load_study(write_study(tmp_path), size="tpu")
+
+
+def test_a_metric_must_be_under_a_group_that_its_evaluation_writes(tmp_path):
+    """Options that choose other data tag the group (`ppl@valid`); an arm's evaluate_args add its
+    own groups, its `${ARM}` standing in for a run dir; each size is checked with its own args."""
+    evaluate = {
+        "suites": ["ppl", "needle", "glue"],
+        "args": ["--ppl.text", "data/valid.txt", "--glue.tasks", "[rte,cola,mrpc]", "--glue.data_dir", "glue"],
+    }
+    arms = {"ntp": {"config": NTP}, "meap": {"config": MEAP, "evaluate_args": ["--needle.haystack", "${ntp}/essays"]}}
+    good = {"eval/ppl@valid/ppl": "lower", "eval/glue@cola+mrpc+rte/score": "higher", "eval/needle/acc": "higher"}
+    bad = {"eval/ppl/ppl": "lower", "eval/glue/score": "higher", "eval/needle@essay/acc": "higher", "val/acc": "higher"}
+    sizes = {"gpu": {"metrics": bad}}
+    path = write_study(
+        tmp_path, arms=arms, evaluate=evaluate, metrics={**good, "eval/needle@essays/acc": "higher"}, sizes=sizes
+    )
+    assert load_study(path).metrics == {**good, "eval/needle@essays/acc": "higher"}
+    with pytest.raises(ConfigError) as error:
+        load_study(path, size="gpu")
+    assert error.value.errors == [
+        f"{path}: metrics.eval/ppl/ppl: the ppl suite writes eval/ppl@valid/... with these evaluate args (size gpu), "
+        "not eval/ppl/...: did you mean eval/ppl@valid/ppl?",
+        f"{path}: metrics.eval/glue/score: the glue suite writes eval/glue@cola+mrpc+rte/... with these evaluate args "
+        "(size gpu), not eval/glue/...: did you mean eval/glue@cola+mrpc+rte/score?",
+        f"{path}: metrics.eval/needle@essay/acc: the needle suite writes eval/needle/... and eval/needle@essays/... "
+        "with these evaluate args (size gpu), not eval/needle@essay/...: did you mean eval/needle@essays/acc?",
+    ]
+    # the same options on the suite's default data write the untagged group
+    default = {"suites": ["glue"], "args": ["--glue.tasks", "[sst2,cola,rte,mrpc]"]}
+    assert load_study(write_study(tmp_path, evaluate=default, metrics={"eval/glue/score": "higher"})).suites == (
+        "glue",
+    )
+    # tokens experiments.evaluate would refuse are refused here, naming the key that holds them
+    with pytest.raises(ConfigError) as error:
+        load_study(write_study(tmp_path, evaluate={"suites": ["ppl"], "args": ["--ppl.txt", "a"]}))
+    assert error.value.errors == [
+        f"{path}: evaluate.args: experiments.evaluate refuses them: unrecognized arguments: --ppl.txt a"
+    ]
+    arms["meap"]["evaluate_args"] = ["--needle.depths", "many"]
+    with pytest.raises(
+        ConfigError, match=r"arms.meap.evaluate_args: experiments.evaluate refuses them: .*many"
+    ) as error:
+        load_study(write_study(tmp_path, arms=arms, evaluate={"suites": ["needle"]}))
+    assert len(error.value.errors) == 1
 
 
 @pytest.mark.parametrize(
