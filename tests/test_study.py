@@ -462,7 +462,8 @@ SHIPPED_STUDIES = sorted(Path("experiments/configs/studies").glob("*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
 def test_every_shipped_study_reads_at_both_sizes(path, size):
     """The study files' own rules (metrics under a group that the size's evaluation writes, equal
-    budgets, a baseline that is an arm) at both sizes; the arms' run configs are validated by `--dry-run`, too slow to repeat here."""
+    budgets, a baseline that is an arm) at both sizes; the arms' run configs are validated by
+    `--dry-run`, too slow to repeat here."""
     study = load_study(str(path), size=size)
     assert study.name == path.stem and study.size == size
     assert study.baseline in study.compared and len(study.compared) >= 2
