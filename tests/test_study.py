@@ -136,11 +136,10 @@ def test_a_metric_must_be_under_a_group_that_its_evaluation_writes(tmp_path):
         f"{path}: metrics.eval/needle@essay/acc: the needle suite writes eval/needle/... and eval/needle@essays/... "
         "with these evaluate args (size gpu), not eval/needle@essay/...: did you mean eval/needle@essays/acc?",
     ]
-    # the same options on the suite's default data write the untagged group
+    # the default four tasks, in another order, are the default data: the group is untagged
     default = {"suites": ["glue"], "args": ["--glue.tasks", "[sst2,cola,rte,mrpc]"]}
-    assert load_study(write_study(tmp_path, evaluate=default, metrics={"eval/glue/score": "higher"})).suites == (
-        "glue",
-    )
+    study = load_study(write_study(tmp_path, evaluate=default, metrics={"eval/glue/score": "higher"}))
+    assert study.metrics == {"eval/glue/score": "higher"}
     # tokens experiments.evaluate would refuse are refused here, naming the key that holds them
     with pytest.raises(ConfigError) as error:
         load_study(write_study(tmp_path, evaluate={"suites": ["ppl"], "args": ["--ppl.txt", "a"]}))
