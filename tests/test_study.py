@@ -473,11 +473,11 @@ def test_every_shipped_study_reads_at_both_sizes(path, size):
 def test_entropy_masking_trains_its_teacher_and_every_student_takes_its_tokenizer(size):
     """The teacher arm trains its own BPE; every other arm's last tokenizer_path is the teacher's
     same-seed run, so a seed's teacher and students share one vocabulary (and KD / teacher entropy
-    can use it); the teacher trains 4x a student's budget."""
+    can use it); the teacher trains 4x a student's budget at the GPU size, 2x at the CPU size (CPU time)."""
     study = load_study("experiments/configs/studies/entropy_masking.yaml", size=size)
     teacher = study.arms["mlm_teacher"]
     assert not teacher.compare and not teacher.needs and "--data.init_args.tokenizer_path" not in study.args
-    assert teacher.budget_tokens == 4 * study.budget_tokens
+    assert teacher.budget_tokens == {"cpu": 2, "gpu": 4}[size] * study.budget_tokens
     for arm in study.compared:
         args = [*study.args, *study.arms[arm].args]
         last = len(args) - 1 - args[::-1].index("--data.init_args.tokenizer_path")
