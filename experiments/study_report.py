@@ -2,7 +2,7 @@
 hyperparameters and final metrics in TensorBoard's HParams dashboard.
 
 Everything is read back from the runs' own files (`metrics.json`, TensorBoard events, `config.yaml`,
-`eval/needle.json`), so a report can be rebuilt from a study folder at any time.
+`eval/<needle group>.json`), so a report can be rebuilt from a study folder at any time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from experiments.stats import Estimate, estimate, paired_differences, verdict
 from experiments.study_config import Study
 
-POSITION_KEY = re.compile(r"^eval/retrieval/(?P<task>.+)/acc_position_(?P<position>\d+)$")
+POSITION_KEY = re.compile(r"^eval/retrieval(@[^/]+)?/(?P<task>.+)/acc_position_(?P<position>\d+)$")
 CURVES = ("train/loss", "val/loss")
 SEED_NOTE = (
     "One seed sets the model initialisation, the data order and the masks together "
@@ -236,10 +236,23 @@ def metric_bars(study: Study, results: list[RunResult]):
     return figure
 
 
+def suite_group(study: Study, suite: str) -> str:
+    """The results group of `suite` that the study compares (`needle@pg_essays` when its evaluate args
+    name other data), else the suite's own name."""
+    groups = [key.split("/")[1] for key in study.metrics if key.startswith(f"eval/{suite}")]
+    return groups[0] if groups else suite
+
+
 def retrieval_by_position(study: Study, results: list[RunResult]):
     """Retrieval accuracy by the gold item's position, per task, each arm's mean over seeds with 95%
     CI whiskers; None when no run has per-position retrieval metrics."""
-    found = {(m["task"], int(m["position"])) for r in results for key in r.metrics if (m := POSITION_KEY.match(key))}
+    group = suite_group(study, "retrieval")
+    found = {
+        (m["task"], int(m["position"]))
+        for r in results
+        for key in r.metrics
+        if (m := POSITION_KEY.match(key)) and key.startswith(f"eval/{group}/")
+    }
     if not found:
         return None
     tasks = sorted({task for task, _ in found})
@@ -249,7 +262,7 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
         spacing = min(np.diff(positions), default=1)
         for i, arm in enumerate(study.compared):
             estimates = [
-                estimate(list(by_seed(results, arm, f"eval/retrieval/{task}/acc_position_{p}").values()))
+                estimate(list(by_seed(results, arm, f"eval/{group}/{task}/acc_position_{p}").values()))
                 for p in positions
             ]
             means = np.array([e.mean for e in estimates])
@@ -278,6 +291,7 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
 def needle_heatmaps(study: Study, results: list[RunResult]):
     """Each arm's needle exact match by depth x length, averaged over seeds, side by side on one
     colour scale; None when no run has a needle result."""
+    group = suite_group(study, "needle")
     grids = {}
     for arm in study.compared:
         found = [
@@ -286,7 +300,7 @@ def needle_heatmaps(study: Study, results: list[RunResult]):
             if r.arm == arm
             and r.status == "ok"
             and r.run_dir
-            and (path := r.run_dir / "eval" / "needle.json").is_file()
+            and (path := r.run_dir / "eval" / f"{group}.json").is_file()
         ]
         if found and all("exact_match" in f for f in found):
             grids[arm] = (np.mean([f["exact_match"] for f in found], axis=0), found[0], len(found))

@@ -228,13 +228,13 @@ def test_a_size_replaces_top_level_keys_and_appends_args(tmp_path):
     assert load_study(write_study(tmp_path, sizes={"cpu": {"seeds": 5}})).seeds == (0, 1, 2, 3, 4)  # the default size
 
 
-def fake_run(folder: Path, arm: str, seed: int, metrics: dict) -> Outcome:
+def fake_run(folder: Path, arm: str, seed: int, metrics: dict, needle_group: str = "needle") -> Outcome:
     run = folder / "runs" / arm / f"seed_{seed}" / "version_0"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "eval").mkdir()
     needle = {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "exact_match": [[seed / 3, 1.0]] * 3}
-    (run / "eval" / "needle.json").write_text(json.dumps(needle))
+    (run / "eval" / f"{needle_group}.json").write_text(json.dumps(needle))
     return Outcome(arm, seed, "ok", str(run), train_s=10.0, eval_s=2.0, tokens=512)
 
 
@@ -281,6 +281,33 @@ def test_report_on_hand_made_metrics(tmp_path):
     assert [(r["arm"], r["seed"], r["status"]) for r in rows][-2:] == [("meap", "2", "ok"), ("meap", "3", "failed")]
     assert rows[4]["eval/retrieval/acc"] == "3.1" and rows[0]["tokens_seen"] == "512"
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [  # no TensorBoard events: no learning curves
+        "metrics.png",
+        "needle.png",
+        "retrieval_by_position.png",
+    ]
+
+
+def test_report_plots_the_groups_the_study_compares_when_evaluate_args_name_other_data(tmp_path):
+    """`--needle.haystack essays` writes eval/needle@essays.json and eval/retrieval@kv/... keys: the heatmaps and
+    the by-position plot read those groups, not the untagged ones."""
+    study = load_study(
+        write_study(
+            tmp_path,
+            seeds=2,
+            evaluate={
+                "suites": ["retrieval", "needle"],
+                "args": ["--needle.haystack", "essays", "--retrieval.data", "kv.jsonl"],
+            },
+            metrics={"eval/needle@essays/acc": "higher", "eval/retrieval@kv/acc": "higher"},
+        )
+    )
+    outcomes = [
+        fake_run(tmp_path, arm, seed, {"eval/retrieval@kv/kv/acc_position_1": 0.5}, needle_group="needle@essays")
+        for arm in ("ntp", "meap")
+        for seed in range(2)
+    ]
+    write_report(study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "metrics.png",
         "needle.png",
         "retrieval_by_position.png",
