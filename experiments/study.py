@@ -110,15 +110,40 @@ def tokens_per_step(config: dict) -> int:
     )
 
 
-def estimate_seconds(config: dict, tokens: int, matmul_flops: float) -> float:
-    """Training time of `tokens`, from the model FLOPs per token of lightning_modules/flops.py
-    (6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block) at the share of the
-    machine's matmul rate that a model of this width reaches. A guide (docs/studies.md)."""
+def flops_per_token(config: dict) -> tuple[float, int]:
+    """Training FLOPs per token of a resolved run config, from lightning_modules/flops.py
+    (6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block), and the width d."""
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     d, layers = int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
     vocab, block = int(data.get("vocab_size") or 4096), int(data["block_size"])
-    per_token = 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block
-    return per_token * tokens / (matmul_flops * training_efficiency(d))
+    return 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block, d
+
+
+def estimate_seconds(config: dict, tokens: int, matmul_flops: float) -> float:
+    """Training time of `tokens` at the share of this machine's matmul rate that a model of this
+    width reaches. A guide (docs/studies.md)."""
+    per_token, width = flops_per_token(config)
+    return per_token * tokens / (matmul_flops * training_efficiency(width))
+
+
+def gpu_seconds(config: dict, tokens: int, device: str) -> float:
+    """Time of one run of `tokens` on one GPU `device` in bf16: the model FLOPs at the MFU that a
+    model of this width reaches there (`gpu_efficiency`), plus a run's fixed cost."""
+    from torch import bfloat16
+
+    from callbacks.peak_flops import peak_flops
+
+    per_token, width = flops_per_token(config)
+    return per_token * tokens / (peak_flops(device, bfloat16) * gpu_efficiency(width)) + GPU_RUN_OVERHEAD_S
+
+
+GPU_RUN_OVERHEAD_S = 60.0  # process start, data preparation, export and evaluation of one run, beside others
+
+
+def gpu_efficiency(width: int) -> float:
+    """MFU of a small model through the Trainer on one H100/H200, which grows with the width
+    (small matrices leave the GPU waiting for kernel launches): width / 8000, at most 0.3."""
+    return min(0.3, width / 8000)
 
 
 def training_efficiency(width: int) -> float:
@@ -144,7 +169,11 @@ def plan(study: Study, matmul_flops: float) -> dict[str, ArmPlan]:
             if max_steps < 1:
                 raise ConfigError(f"{study.file}: arms.{arm.name}: set budget_tokens or trainer.max_steps")
             tokens = max_steps * per_step
-        plans[arm.name] = ArmPlan(per_step, max_steps, tokens, estimate_seconds(config, tokens, matmul_flops), config)
+        if study.device:
+            seconds = gpu_seconds(config, tokens, study.device)
+        else:
+            seconds = estimate_seconds(config, tokens, matmul_flops)
+        plans[arm.name] = ArmPlan(per_step, max_steps, tokens, seconds, config)
     totals = {name: sum(plans[a].tokens for a in study.chain(name)) for name in study.compared}
     if len(set(totals.values())) > 1 and not study.allow_unequal_budgets:
         listed = ", ".join(f"{name}={tokens:,}" for name, tokens in totals.items())
@@ -392,8 +421,9 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: di
     """The arms x seeds plan, as printed by --dry-run; times measured by earlier runs of the study
     where there are any, else the FLOP-based guide."""
     seconds = {name: measured.get(name, p.estimate_s) for name, p in plans.items()}
+    place = f"on one {study.device}" if study.device else "here"
     rows = [
-        "| arm | config | starts from / refers to | tokens/step | steps | tokens | est. time per run here |",
+        f"| arm | config | starts from / refers to | tokens/step | steps | tokens | est. time per run {place} |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, arm in study.arms.items():
@@ -404,6 +434,13 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: di
             f"({'measured' if name in measured else 'FLOP guide'}) |"
         )
     total = sum(seconds.values()) * len(study.seeds) / parallel
+    if study.device:
+        where = f"estimated device time on one {study.device}: ~{minutes(total)} in all, {parallel} runs at a time"
+    else:
+        where = (
+            f"estimated training time: ~{minutes(total)} in all; evaluation, process start and data preparation "
+            "are not included, and the FLOP guide is optimistic for small models (docs/studies.md)"
+        )
     return "\n".join(
         [
             f"study {study.name} (size {study.size}): {len(study.arms)} arms x {len(study.seeds)} seeds "
@@ -415,8 +452,7 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: di
             "",
             *rows,
             "",
-            f"estimated training time: ~{minutes(total)} in all; evaluation, process start and data preparation "
-            "are not included, and the FLOP guide is optimistic for small models (docs/studies.md)",
+            where,
             "every config is valid; nothing was trained (--dry-run)",
         ]
     )

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
+from callbacks.peak_flops import gpu_peak
 from core.errors import ConfigError
 from evaluation.suites import SUITES, group_name, parse_suites
 from experiments.evaluate import build_parser
@@ -34,6 +35,7 @@ TOP_KEYS = {
     "evaluate",
     "metrics",
     "sizes",
+    "device",
 }
 ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare", "evaluate_args"}
 DIRECTIONS = ("higher", "lower")
@@ -91,6 +93,7 @@ class Study:
     metrics: dict[str, str]  # metric -> "higher" | "lower": the direction that is better
     file: str
     size: str
+    device: str | None = None  # the GPU a size is planned for (torch.cuda.get_device_name()); None: this machine
 
     @property
     def compared(self) -> list[str]:
@@ -346,6 +349,9 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
     allow = raw.get("allow_unequal_budgets", False)
     if not isinstance(allow, bool):
         errors.append(f"allow_unequal_budgets must be true or false, got {allow!r}")
+    device = raw.get("device")
+    if device is not None and not (isinstance(device, str) and gpu_peak(device)):
+        errors.append(f"device: {device!r} is not a GPU of callbacks/peak_flops.py (e.g. 'NVIDIA H200')")
     study = Study(
         name=str(name),
         question=str(raw.get("question") or ""),
@@ -360,6 +366,7 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
         metrics={str(k): v for k, v in metrics.items()},
         file=str(path),
         size=size,
+        device=device if isinstance(device, str) else None,
     )
     if shared := references(study.args):
         errors.append(

@@ -15,6 +15,10 @@ from datamodules.masking import Vocab
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The accelerator the tiny CLI runs use: "cpu" everywhere but in benchmarks.device_check, which
+# sets MASKLAB_TEST_ACCELERATOR=gpu to run tests/test_gpu_path.py's config runs on the GPU.
+ACCELERATOR = os.environ.get("MASKLAB_TEST_ACCELERATOR", "cpu")
+
 PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
 FULL_STOP = 10  # a regular token that ends sentences
 FIRST_CONTINUATION = 40  # ids from here on continue the word before them (like BPE pieces without a space)
@@ -68,7 +72,7 @@ TINY = [
     "--trainer.enable_model_summary",
     "false",
     "--trainer.accelerator",
-    "cpu",
+    ACCELERATOR,
 ]
 
 

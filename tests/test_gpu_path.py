@@ -21,11 +21,14 @@ from core.errors import ConfigError
 from experiments.run import main
 from lightning_modules import CausalLMModule, MaskedLMModule
 from lightning_modules.deberta_sdpa import SdpaDisentangledSelfAttention
+from tests.conftest import ACCELERATOR
 from tests.test_lightning_modules import TINY as MODULE
 from tests.test_lightning_modules import toy_batch
 from tests.test_run import CONFIGS, TEACHER
 
 BF16_FUSED = ["--trainer.precision", "bf16-mixed", "--model.init_args.optimizer.fused", "true"]
+# 2 steps on a CPU; benchmarks.device_check trains every config 20 steps on the GPU (MASKLAB_TEST_STEPS)
+TRAIN_STEPS = int(os.environ.get("MASKLAB_TEST_STEPS", "2"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -43,12 +46,13 @@ def test_every_shipped_config_trains_in_bf16_with_fused_adamw_and_its_clipping(c
             *tiny_args,
             *BF16_FUSED,
             "--trainer.max_steps",
-            "2",
+            str(TRAIN_STEPS),
             "--trainer.limit_val_batches",
             "0",
         ]
     )
-    assert cli.trainer.global_step == 2
+    assert cli.trainer.global_step == TRAIN_STEPS
+    assert cli.trainer.strategy.root_device.type == ("cuda" if ACCELERATOR == "gpu" else "cpu")
     assert cli.trainer.optimizers[0].defaults["fused"] is True
     assert cli.trainer.gradient_clip_val == 1.0  # every shipped config clips
 
@@ -200,19 +204,25 @@ DEBERTA = dict(
 )
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(
     "overrides",
     [DEBERTA["config_overrides"], {**DEBERTA["config_overrides"], "share_att_key": True}, {}],
     ids=["c2p-p2c", "shared-key", "no-relative"],
 )
-def test_deberta_sdpa_attention_gives_eager_logits_and_gradients(overrides):
+def test_deberta_sdpa_attention_gives_eager_logits_and_gradients(overrides, device):
+    """On a GPU, fp32 SDPA takes the memory-efficient kernel rather than the math one: the same
+    tolerances must hold there too (TF32 matmuls are off by default in torch)."""
     torch.manual_seed(0)
-    eager = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides)
+    eager = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides).to(device)
     sdpa = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides, attn_implementation="sdpa")
-    sdpa.load_state_dict(eager.state_dict())
+    sdpa.to(device).load_state_dict(eager.state_dict())
     assert sum(isinstance(m, SdpaDisentangledSelfAttention) for m in sdpa.modules()) == 2
     assert not any(isinstance(m, SdpaDisentangledSelfAttention) for m in eager.modules())
-    ids, mask = toy_batch()  # the first row is padded
+    ids, mask = (t.to(device) for t in toy_batch())  # the first row is padded
     logits = {}
     for name, module in (("eager", eager), ("sdpa", sdpa)):
         logits[name] = module(ids, mask)
