@@ -214,8 +214,10 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
     ids=["c2p-p2c", "shared-key", "no-relative"],
 )
 def test_deberta_sdpa_attention_gives_eager_logits_and_gradients(overrides, device):
-    """On a GPU, fp32 SDPA takes the memory-efficient kernel rather than the math one: the same
-    tolerances must hold there too (TF32 matmuls are off by default in torch)."""
+    """Compared at the real tokens, the only positions a loss or an evaluation reads: a padded
+    query attends to nothing, and the kernels disagree on what that gives (the CPU's math kernel
+    averages; on an H200 the fp32 memory-efficient kernel gave other values there, up to 0.17 apart
+    in the logits). Nothing flows from a padded position to a real one."""
     torch.manual_seed(0)
     eager = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides).to(device)
     sdpa = MaskedLMModule(**MODULE, arch="deberta-v2", config_overrides=overrides, attn_implementation="sdpa")
@@ -227,7 +229,8 @@ def test_deberta_sdpa_attention_gives_eager_logits_and_gradients(overrides, devi
     for name, module in (("eager", eager), ("sdpa", sdpa)):
         logits[name] = module(ids, mask)
         logits[name][mask.bool()].sum().backward()
-    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=0, atol=1e-4)
+    real = mask.bool()
+    torch.testing.assert_close(logits["sdpa"][real], logits["eager"][real], rtol=0, atol=1e-4)
     for (name, got), want in zip(sdpa.named_parameters(), eager.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
 
