@@ -169,7 +169,10 @@ class PretrainingDataModule(TokenizedDataModule):
         if variant == RECALL:
             if args.get("data_path") or args.get("hf_dataset"):
                 errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
-            errors += args.get("recall", RecallConfig()).errors(args.get("block_size", 128))
+            recall = args.get("recall")
+            if not isinstance(recall, RecallConfig):  # the CLI's early check passes nested keys flat: "recall.pairs"
+                recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
+            errors += recall.errors(args.get("block_size", 128))
         return errors
 
     @property
