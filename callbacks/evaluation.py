@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,13 @@ class EvaluationCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         run_dir = self.run_dir
         datamodule = trainer.datamodule
-        data = {"block_size": datamodule.block_size, "prompt_template": getattr(datamodule, "prompt_template", None)}
+        data = {
+            "block_size": datamodule.block_size,
+            "prompt_template": getattr(datamodule, "prompt_template", None),
+            "builtin_variant": getattr(datamodule, "builtin_variant", None),
+            "recall": dataclasses.asdict(datamodule.recall) if hasattr(datamodule, "recall") else None,
+            "seed": getattr(datamodule, "seed", 0),
+        }
         was_training = pl_module.training
         pl_module.eval()
         try:

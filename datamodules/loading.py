@@ -77,6 +77,8 @@ class TokenizerSource:
         cache_dir: where trained tokenizers are cached.
         source_key: the key of the training text (called only when a BPE is trained or looked up).
         texts: the training text (called only when the BPE is not cached yet).
+        build: makes the tokenizer in memory instead of training a BPE (a corpus with its own id
+            vocabulary, such as `recall`); a `path` still wins.
     """
 
     def __init__(
@@ -86,9 +88,10 @@ class TokenizerSource:
         cache_dir: Path,
         source_key: Callable[[], str],
         texts: Callable[[], Sequence[str]],
+        build: Callable[[], PreTrainedTokenizerBase] | None = None,
     ) -> None:
         self.path, self.vocab_size, self.cache_dir = path, vocab_size, cache_dir
-        self.source_key, self.texts = source_key, texts
+        self.source_key, self.texts, self.build = source_key, texts, build
 
     @cached_property
     def key(self) -> str:
@@ -99,6 +102,8 @@ class TokenizerSource:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self.path:
             return load_tokenizer(self.path)
+        if self.build is not None:
+            return self.build()
         return cached_bpe(self.cache_dir, self.key, self.texts, self.vocab_size)
 
     @cached_property

@@ -25,6 +25,7 @@ from datamodules.loading import (
 from datamodules.masking import MaskingPolicy, TokenBlock
 from datamodules.packing import pack, tokenize
 from datamodules.policies.standard import NoMask
+from datamodules.recall import RecallConfig, generate, recall_tokenizer
 from datamodules.sources import (
     TEXT_RULES,
     builtin_dataset,
@@ -34,6 +35,9 @@ from datamodules.sources import (
     stable_hash,
     text_files,
 )
+
+RECALL = "recall"
+BUILTIN_VARIANTS = sorted([*VARIANTS, RECALL])
 
 
 class IndexedBlocks(Dataset):
@@ -80,8 +84,11 @@ class PretrainingDataModule(TokenizedDataModule):
         text_column: the column holding the text.
         builtin_documents: documents the built-in corpus generates for training.
         builtin_variant: which built-in corpus: "default" (language-like text with a few facts
-            recalled late) or "retrieval_dense" (short documents of facts, recalls and the
-            retrieval suite's prompt forms, so that a small model learns to retrieve early).
+            recalled late), "retrieval_dense" (short documents of facts, recalls and the
+            retrieval suite's prompt forms) or "recall" (associative recall over ids, its own
+            vocabulary, one sequence per block: the retrieval probe a CPU-sized decoder learns).
+        recall: the recall corpus' options (pairs, queries, key/value vocabularies, filler,
+            distance); builtin_documents counts its training sequences.
         val_fraction: share of documents held out for validation when no validation source is given.
         tokenizer_path: a local HF tokenizer folder; None = train a byte-level BPE on the training text.
         vocab_size: vocabulary size of the trained BPE.
@@ -108,6 +115,7 @@ class PretrainingDataModule(TokenizedDataModule):
         text_column: str = "text",
         builtin_documents: int = 2000,
         builtin_variant: str = "default",
+        recall: RecallConfig = RecallConfig(),
         val_fraction: float = 0.05,
         tokenizer_path: str | None = None,
         vocab_size: int = 4096,
@@ -134,6 +142,7 @@ class PretrainingDataModule(TokenizedDataModule):
         self.text_column = text_column
         self.builtin_documents = builtin_documents
         self.builtin_variant = builtin_variant
+        self.recall = recall
         self.val_fraction = val_fraction
         self.block_size = block_size
         self.batch_size = batch_size
@@ -141,7 +150,12 @@ class PretrainingDataModule(TokenizedDataModule):
         self.seed = seed
         self.cache_dir = Path(cache_dir)
         self.tokenizer_source = TokenizerSource(
-            tokenizer_path, vocab_size, self.cache_dir, lambda: self.source_key, lambda: self._texts("train")["text"]
+            tokenizer_path,
+            vocab_size,
+            self.cache_dir,
+            lambda: self.source_key,
+            lambda: self._texts("train")["text"],
+            (lambda: recall_tokenizer(recall)) if self.is_recall else None,
         )
         self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
 
@@ -149,9 +163,21 @@ class PretrainingDataModule(TokenizedDataModule):
     def config_errors(**args) -> list[str]:
         """Every problem with these init arguments, each naming its key (empty when valid)."""
         errors = common_config_errors(**args)
-        if args.get("builtin_variant", "default") not in VARIANTS:
-            errors.append(f"data.builtin_variant must be one of {sorted(VARIANTS)}, got {args['builtin_variant']!r}")
+        variant = args.get("builtin_variant", "default")
+        if variant not in BUILTIN_VARIANTS:
+            errors.append(f"data.builtin_variant must be one of {BUILTIN_VARIANTS}, got {variant!r}")
+        if variant == RECALL:
+            if args.get("data_path") or args.get("hf_dataset"):
+                errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
+            recall = args.get("recall")
+            if not isinstance(recall, RecallConfig):  # the CLI's early check passes nested keys flat: "recall.pairs"
+                recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
+            errors += recall.errors(args.get("block_size", 128))
         return errors
+
+    @property
+    def is_recall(self) -> bool:
+        return self.builtin_variant == RECALL
 
     # ---- tokenizer ---------------------------------------------------------------------------
 
@@ -172,7 +198,7 @@ class PretrainingDataModule(TokenizedDataModule):
             return stable_hash(
                 "hf", TEXT_RULES, self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
             )
-        return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant)
+        return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant, self.recall)
 
     # ---- text and blocks ---------------------------------------------------------------------
 
@@ -187,10 +213,11 @@ class PretrainingDataModule(TokenizedDataModule):
                 return load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_val_split, self.text_column)
             dataset = load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_split, self.text_column)
             return self._holdout(dataset, split) if not self.hf_val_split else dataset
-        documents = (
-            self.builtin_documents if split == "train" else max(1, round(self.builtin_documents * self.val_fraction))
-        )
-        return builtin_dataset(self.seed, documents, split, self.builtin_variant)
+        return builtin_dataset(self.seed, self._documents(split), split, self.builtin_variant)
+
+    def _documents(self, split: str) -> int:
+        """Built-in documents (recall sequences) of `split`; validation holds out `val_fraction` as many."""
+        return self.builtin_documents if split == "train" else max(1, round(self.builtin_documents * self.val_fraction))
 
     def _holdout(self, dataset: HFDataset, split: str) -> HFDataset:
         if len(dataset) < 2:
@@ -199,6 +226,9 @@ class PretrainingDataModule(TokenizedDataModule):
         return parts["train" if split == "train" else "test"]
 
     def _blocks(self, split: str) -> np.ndarray:
+        if self.is_recall:  # one sequence per block, generated in milliseconds: nothing to cache
+            count = self._documents(split)
+            return generate(self.recall, self.block_size, count, self.seed, split, self.vocab.bos_id).ids
         key = stable_hash(self.source_key, self.tokenizer_source.key, split, self.block_size)
         path = self.cache_dir / "blocks" / f"{key}.npy"
         if not path.exists():

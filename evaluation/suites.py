@@ -40,6 +40,7 @@ SUITES = {
     "attention": "attention",
     "second_to_last": "second_to_last",
     "entropy": "entropy",
+    "recall": "recall",
 }
 
 
@@ -54,6 +55,7 @@ DATA_FIELDS = {
     "attention": ("text",),
     "second_to_last": ("text",),
     "entropy": ("text",),
+    "recall": (),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 
