@@ -49,6 +49,7 @@ import argparse
 import gc
 import importlib.metadata
 import importlib.util
+import re
 import resource
 import statistics
 import time
@@ -375,6 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--budget", type=float, default=480, help="--suite: seconds after which no further row starts")
     parser.add_argument("--table-out", help="--suite: a markdown file rewritten with the table after every row")
+    parser.add_argument("--rows", help="--suite: only the rows whose name matches this regular expression")
     parser.add_argument(
         "--peak-flops",
         type=float,
@@ -525,6 +527,10 @@ _SUITE_ROWS = (
     ("134m NTP, B=32, Liger", "--objective ntp --shape 134m --batch-size 32 --liger --sides trainer"),
     ("500m NTP, B=8, Liger", "--objective ntp --shape 500m --batch-size 8 --liger --sides trainer"),
     ("500m MEAP, B=16, Liger", "--objective meap --shape 500m --batch-size 16 --liger --sides trainer"),
+    ("134m NTP, B=64, Liger", "--objective ntp --shape 134m --batch-size 64 --liger --sides trainer"),
+    ("134m MEAP, B=32, Liger", "--objective meap --shape 134m --batch-size 32 --liger --sides trainer"),
+    ("500m NTP, B=16, Liger", "--objective ntp --shape 500m --batch-size 16 --liger --sides trainer"),
+    ("500m MEAP, B=32, Liger", "--objective meap --shape 500m --batch-size 32 --liger --sides trainer"),
     (
         "134m NTP, B=32, compile + Liger",
         "--objective ntp --shape 134m --batch-size 32 --compile --liger --sides trainer",
@@ -583,7 +589,8 @@ def run_suite(args: argparse.Namespace) -> list[list[str]]:
     if args.peak_flops:
         common.append(f"--peak-flops={args.peak_flops}")
     start, table = time.perf_counter(), []
-    for name, row_args in SUITE:
+    rows = [(name, row_args) for name, row_args in SUITE if not args.rows or re.search(args.rows, name)]
+    for name, row_args in rows:
         row = parse_args([*row_args, *common, "--shape", args.shape if args.shape == "tiny" else _shape(row_args)])
         if args.shape == "tiny":
             row.batch_size = None  # the tiny shape's own batch

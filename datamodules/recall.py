@@ -163,6 +163,12 @@ def generate(
     np.put_along_axis(ids, starts, np.concatenate([keys, np.take_along_axis(keys, asked, axis=1)], axis=1), axis=1)
     np.put_along_axis(ids, starts + 1, np.concatenate([values, answer], axis=1), axis=1)
     pair_value = np.take_along_axis(starts[:, :pairs] + 1, asked, axis=1)
-    seen = (asked[:, :, None] == np.arange(pairs)).cumsum(axis=1)  # [N, Q, P] queries of each key so far
-    first = np.take_along_axis(seen, asked[:, :, None], axis=2)[:, :, 0] == 1
+    # the first query of each key: a stable sort keeps queries of one key in order, so each key's first
+    # in sorted order is its earliest ([N, Q] work, where counting per key would be [N, Q, P])
+    order = np.argsort(asked, axis=1, kind="stable")
+    in_order = np.take_along_axis(asked, order, axis=1)
+    first_in_order = np.ones_like(in_order, dtype=bool)
+    first_in_order[:, 1:] = in_order[:, 1:] != in_order[:, :-1]
+    first = np.empty_like(first_in_order)
+    np.put_along_axis(first, order, first_in_order, axis=1)
     return RecallSequences(ids, starts[:, pairs:] + 1, answer, asked, starts[:, pairs:] - pair_value, first)

@@ -57,3 +57,8 @@ def test_suite_stops_starting_rows_once_the_budget_is_spent():
     table = gpu.main([*TINY, "--suite", "--budget", "0"])
     assert table[0][1] != "" and not table[0][1].startswith("skipped")  # the first row always runs
     assert all(cells[1].startswith(("skipped: --budget", "n/a")) for cells in table[1:])
+
+
+def test_suite_runs_only_the_rows_asked_for():
+    table = gpu.main([*TINY, "--suite", "--rows", "^BERT-base|DeBERTa.*SDPA"])
+    assert [cells[0] for cells in table] == ["BERT-base MLM, 64 x 512", "DeBERTa-v2 MLM, 64 x 512, SDPA"]
