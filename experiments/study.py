@@ -110,40 +110,46 @@ def tokens_per_step(config: dict) -> int:
     )
 
 
-def flops_per_token(config: dict) -> tuple[float, int]:
-    """Training FLOPs per token of a resolved run config, from lightning_modules/flops.py
-    (6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block), and the width d."""
-    model, data = config["model"]["init_args"], config["data"]["init_args"]
-    d, layers = int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
+def flops_per_token(config: dict) -> float:
+    """Training FLOPs per token of a resolved run config, from lightning_modules/flops.py:
+    6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block."""
+    d, layers = model_shape(config)
+    data = config["data"]["init_args"]
     vocab, block = int(data.get("vocab_size") or 4096), int(data["block_size"])
-    return 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block, d
+    return 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block
+
+
+def model_shape(config: dict) -> tuple[int, int]:
+    """(width, layers) of a resolved run config."""
+    model = config["model"]["init_args"]
+    return int(model.get("hidden_size") or 256), int(model.get("num_layers") or 4)
 
 
 def estimate_seconds(config: dict, tokens: int, matmul_flops: float) -> float:
     """Training time of `tokens` at the share of this machine's matmul rate that a model of this
     width reaches. A guide (docs/studies.md)."""
-    per_token, width = flops_per_token(config)
-    return per_token * tokens / (matmul_flops * training_efficiency(width))
+    return flops_per_token(config) * tokens / (matmul_flops * training_efficiency(model_shape(config)[0]))
+
+
+# One H200, 6 runs at once (2026-12-04, docs/speed.md): small models wait on kernel launches, about
+# 16 ms per layer per step (35 ms for 2 layers, 65 ms for 4, from 8k to 33k tokens a step); a run's
+# process start, data, export and evaluation took 30-60 s beside it; the 134m-500m shapes reach
+# 21-43% MFU alone.
+GPU_STEP_S_PER_LAYER = 0.016
+GPU_RUN_OVERHEAD_S = 50.0
+GPU_MFU = 0.3
 
 
 def gpu_seconds(config: dict, tokens: int, device: str) -> float:
-    """Time of one run of `tokens` on one GPU `device` in bf16: the model FLOPs at the MFU that a
-    model of this width reaches there (`gpu_efficiency`), plus a run's fixed cost."""
+    """Time of one run of `tokens` on one GPU `device` in bf16, beside the study's other runs: the
+    slower of the model FLOPs at `GPU_MFU` and the launch-bound floor per step, plus a run's fixed cost."""
     from torch import bfloat16
 
     from callbacks.peak_flops import peak_flops
 
-    per_token, width = flops_per_token(config)
-    return per_token * tokens / (peak_flops(device, bfloat16) * gpu_efficiency(width)) + GPU_RUN_OVERHEAD_S
-
-
-GPU_RUN_OVERHEAD_S = 60.0  # process start, data preparation, export and evaluation of one run, beside others
-
-
-def gpu_efficiency(width: int) -> float:
-    """MFU of a small model through the Trainer on one H100/H200, which grows with the width
-    (small matrices leave the GPU waiting for kernel launches): width / 8000, at most 0.3."""
-    return min(0.3, width / 8000)
+    compute = flops_per_token(config) * tokens / (peak_flops(device, bfloat16) * GPU_MFU)
+    launches = tokens / tokens_per_step(config) * model_shape(config)[1] * GPU_STEP_S_PER_LAYER
+    return max(compute, launches) + GPU_RUN_OVERHEAD_S
 
 
 def training_efficiency(width: int) -> float:

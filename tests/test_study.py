@@ -62,6 +62,7 @@ def write_study(folder: Path, **overrides) -> str:
             "metrics.eval/ppl/ppl: the ppl suite writes eval/ppl@valid/... with these evaluate args (size cpu), "
             "not eval/ppl/...: did you mean eval/ppl@valid/ppl?",
         ),
+        ({"device": "NVIDIA Foo 9000"}, [], "device: 'NVIDIA Foo 9000' is not a GPU of callbacks/peak_flops.py"),
         ({"seeds": 0}, [], "seeds must be at least 1, got 0"),
         ({}, ["--seeds", "0"], "--seeds must be at least 1, got 0"),
         (
@@ -76,6 +77,7 @@ def write_study(folder: Path, **overrides) -> str:
         "unknown suite",
         "metric of no chosen suite",
         "metric of a group its evaluation does not write",
+        "unknown device",
         "seeds 0",
         "--seeds 0",
         "unequal budgets",
@@ -484,27 +486,27 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, capsys):
 SHIPPED_STUDIES = sorted(Path("experiments/configs/studies").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("size", ["cpu", "gpu"])
+@pytest.mark.parametrize("size", ["cpu", "gpu10", "gpu"])
 @pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
-def test_every_shipped_study_reads_at_both_sizes(path, size):
+def test_every_shipped_study_reads_at_every_size(path, size):
     """The study files' own rules (metrics under a group that the size's evaluation writes, equal
-    budgets, a baseline that is an arm) at both sizes; the arms' run configs are validated by
-    `--dry-run`, too slow to repeat here."""
+    budgets, a baseline that is an arm) at every size; the arms' run configs are validated by
+    `--dry-run` (below for gpu10, the size a GPU visit runs)."""
     study = load_study(str(path), size=size)
     assert study.name == path.stem and study.size == size
     assert study.baseline in study.compared and len(study.compared) >= 2
     assert len(study.seeds) >= 3
 
 
-@pytest.mark.parametrize("size", ["cpu", "gpu"])
+@pytest.mark.parametrize("size", ["cpu", "gpu10", "gpu"])
 def test_entropy_masking_trains_its_teacher_and_every_student_takes_its_tokenizer(size):
     """The teacher arm trains its own BPE; every other arm's last tokenizer_path is the teacher's
     same-seed run, so a seed's teacher and students share one vocabulary (and KD / teacher entropy
-    can use it); the teacher trains 4x a student's budget at the GPU size, 2x at the CPU size (CPU time)."""
+    can use it); the teacher trains 4x a student's budget at the GPU size, 2x at the CPU and gpu10 sizes (time)."""
     study = load_study("experiments/configs/studies/entropy_masking.yaml", size=size)
     teacher = study.arms["mlm_teacher"]
     assert not teacher.compare and not teacher.needs and "--data.init_args.tokenizer_path" not in study.args
-    assert teacher.budget_tokens == {"cpu": 2, "gpu": 4}[size] * study.budget_tokens
+    assert teacher.budget_tokens == {"cpu": 2, "gpu10": 2, "gpu": 4}[size] * study.budget_tokens
     for arm in study.compared:
         args = [*study.args, *study.arms[arm].args]
         last = len(args) - 1 - args[::-1].index("--data.init_args.tokenizer_path")
@@ -513,3 +515,29 @@ def test_entropy_masking_trains_its_teacher_and_every_student_takes_its_tokenize
         "${mlm_teacher}/hf_model" in study.arms["kd"].args
         and "${mlm_teacher}/hf_model" in study.arms["teacher"].args[-1]
     )
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
+def test_every_gpu10_size_validates_and_fits_ten_minutes_of_its_device(path, capsys):
+    """What one GPU visit runs (issue 23): every arm x seed at `--parallel 6`, estimated from the
+    launch-bound step time and run overhead measured on an H200, within 10 minutes."""
+    main(["--config", str(path), "--size", "gpu10", "--dry-run", "--parallel", "6"])
+    out = capsys.readouterr().out
+    estimate = re.search(r"estimated device time on one NVIDIA H200: ~(\d+) (s|min) in all, 6 runs at a time", out)
+    assert estimate and "every config is valid" in out
+    assert int(estimate[1]) * (60 if estimate[2] == "min" else 1) <= 600
+
+
+def test_gpu_estimate_is_the_launch_floor_for_small_models_and_the_flops_for_large_ones():
+    def config(width: int, layers: int) -> dict:
+        return {
+            "model": {"init_args": {"hidden_size": width, "num_layers": layers}},
+            "data": {"init_args": {"vocab_size": 128, "block_size": 129, "batch_size": 64}},
+        }
+
+    small = config(128, 2)  # 4,000 steps of 64 x 129 tokens: 4,000 x 2 layers x 16 ms, then the run's fixed cost
+    assert driver.gpu_seconds(small, 4000 * 64 * 129, "NVIDIA H200") == pytest.approx(4000 * 2 * 0.016 + 50)
+    large = config(4096, 32)  # compute-bound: 6·N·tokens at 30% of the H200's 989.5 TFLOP/s
+    tokens = 1000 * 64 * 129
+    flops = (6 * (12 * 32 * 4096**2 + 128 * 4096) + 12 * 32 * 4096 * 129) * tokens
+    assert driver.gpu_seconds(large, tokens, "NVIDIA H200") == pytest.approx(flops / (989.5e12 * 0.3) + 50)
