@@ -67,10 +67,10 @@ def run_recall_config(loaded: LoadedModel) -> tuple[RecallConfig, int, int]:
     return config, int(data["block_size"]), int(data.get("seed", 0))
 
 
-@torch.no_grad()
 def model_predictor(loaded: LoadedModel, batch_size: int) -> Predictor:
     """A decoder's argmax one position before each value; an encoder's at the value slot, every slot masked."""
 
+    @torch.no_grad()
     def predict(ids: Tensor, value_position: Tensor) -> Tensor:
         out = torch.empty_like(value_position)
         for start in range(0, len(ids), batch_size):
@@ -96,9 +96,7 @@ def score(sequences: RecallSequences, predict: Predictor) -> np.ndarray:
 def distance_buckets(distance: np.ndarray, correct: np.ndarray) -> dict[str, float]:
     """Accuracy by power-of-two distance bucket (`1_1`, `2_3`, `4_7`, ...), buckets with queries only."""
     bucket = np.floor(np.log2(distance)).astype(int)
-    return {
-        f"{2**b}_{2 ** (b + 1) - 1}": float(correct[bucket == b].mean()) for b in np.unique(bucket)
-    }  # np.unique: sorted
+    return {f"{2**b}_{2 ** (b + 1) - 1}": float(correct[bucket == b].mean()) for b in np.unique(bucket)}
 
 
 def heatmap(grid: np.ndarray, lengths: list[int], title: str):
