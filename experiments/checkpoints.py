@@ -27,8 +27,11 @@ def checksum_path(ckpt: Path) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ChecksummedCheckpointIO(TorchCheckpointIO):
@@ -41,8 +44,12 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        digest = file_sha256(partial)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            digest = file_sha256(partial)
+        except BaseException:  # e.g. a full disk: free what was written, keep the previous checkpoint
+            partial.unlink(missing_ok=True)
+            raise
         checksum = checksum_path(path)
         checksum.unlink(missing_ok=True)
         partial.replace(path)

@@ -179,7 +179,7 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_a_run_dir_is_announced
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint_whole(finished, tmp_path, monkeypatch):
-    """The new file is written beside the old one and moved in place once complete."""
+    """The new file is written beside the old one and moved in place once complete; a failed write is removed."""
     from experiments.checkpoints import ChecksummedCheckpointIO, checksum_errors
 
     target = tmp_path / "last.ckpt"
@@ -187,13 +187,14 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint_whole(finished, tmp_p
         (tmp_path / name).write_bytes((finished / "checkpoints" / name).read_bytes())
     before = target.read_bytes()
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
 
-    monkeypatch.setattr("experiments.checkpoints.file_sha256", killed)  # dies after writing, before moving
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr("experiments.checkpoints.file_sha256", disk_full)  # fails after writing, before moving
+    with pytest.raises(OSError):
         ChecksummedCheckpointIO().save_checkpoint({"state_dict": {}}, target)
-    assert target.read_bytes() == before and checksum_errors(str(target)) == []
     monkeypatch.undo()
+    assert target.read_bytes() == before and checksum_errors(str(target)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no partial file left
     ChecksummedCheckpointIO().remove_checkpoint(target)
     assert not target.exists() and not (tmp_path / "last.ckpt.sha256").exists()
