@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 
 CHECKSUM_SUFFIX = ".sha256"
 ALLOW_OTHER_DATA = "--allow_other_data true"
@@ -62,7 +63,7 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         checksum_path(Path(path)).unlink(missing_ok=True)
 
 
-def use_checksums(strategy: Any) -> None:
+def use_checksums(strategy: Strategy) -> None:
     """Write the strategy's checkpoints with checksums, unless the user configured another writer."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = ChecksummedCheckpointIO()
@@ -76,7 +77,7 @@ def checkpoint_callbacks(checkpoint: ModelCheckpoint, settings: dict[str, Any]) 
     goes to a second, unmonitored callback that writes `last.ckpt` every N steps from the first
     interval on, and the monitored one keeps "best" (and `last.ckpt`) at each validation."""
     every = settings.get("every_n_train_steps") or 0
-    if not settings.get("monitor") or every < 1:
+    if not settings.get("monitor") or not settings.get("save_last") or every < 1:
         return [checkpoint]
     best = ModelCheckpoint(**{**settings, "every_n_train_steps": None})
     last = ModelCheckpoint(
