@@ -110,6 +110,14 @@ class TokenizerSource:
     def vocab(self) -> Vocab:
         return vocab_of(self.tokenizer)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The tokenizer by its vocabulary, wherever it was loaded from or trained."""
+        return stable_hash(sorted(self.tokenizer.get_vocab().items()))
+
+    def describe(self, corpus: str) -> str:
+        return repr(self.path) if self.path else f"a {self.vocab_size}-token BPE trained on {corpus}"
+
     def model_vocab(self) -> dict:
         """What the model needs of the tokenizer (ids for its config, token strings for n-hot
         embeddings); linked to `model.vocab` by the CLI."""
@@ -125,6 +133,12 @@ class TokenizedDataModule(L.LightningDataModule):
     evaluation read from either kind (the CLI links `model_vocab` into the model)."""
 
     tokenizer_source: TokenizerSource
+    data_path: str | None
+    hf_dataset: str | None
+    hf_config: str | None
+    hf_split: str
+    builtin_documents: int
+    seed: int
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -137,6 +151,24 @@ class TokenizedDataModule(L.LightningDataModule):
     @property
     def model_vocab(self) -> dict:
         return self.tokenizer_source.model_vocab()
+
+    @property
+    def corpus(self) -> str:
+        """The training text as the user named it."""
+        if self.data_path:
+            return f"data.data_path {str(Path(self.data_path).resolve())!r}"
+        if self.hf_dataset:
+            return f"data.hf_dataset {self.hf_dataset!r} ({self.hf_config}, {self.hf_split})"
+        return f"the built-in corpus ({self.builtin_documents} documents, seed {self.seed})"
+
+    def state_dict(self) -> dict[str, str]:
+        """What the run trains on. Lightning saves it in every checkpoint, so that a resume on another
+        tokenizer or corpus is refused before it trains (experiments/checkpoints.py)."""
+        return {
+            "tokenizer": self.tokenizer_source.describe(self.corpus),
+            "tokenizer_hash": self.tokenizer_source.fingerprint,
+            "corpus": self.corpus,
+        }
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,7 +1,8 @@
 """Turn jsonargparse's nested parse errors into one line that names the key, with the closest valid key.
 
 jsonargparse reports a bad key inside a subclass (`--data.mask_ration`) as a tree of "Parser key"
-and "class_path" lines; the user needs only the innermost problem and where it is.
+and "class_path" lines; the user needs only the innermost problem and where it is. A YAML syntax
+error it reports as in "<unicode string>": the file is found again and named.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import itertools
 import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
 
 _KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS = re.compile(r"^- Problem with given class_path '([^']+)':$")
@@ -68,3 +74,53 @@ def one_line(message: str, option_strings: list[str]) -> str:
         where = f" (see --{key}.help {class_path})" if class_path else ""
         return f"unknown key {key}.{option}{_closest(option, valid, key + '.')}{where}"
     return f"{key}: {detail}" if key else detail
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def config_args(args: list[str]) -> list[Path]:
+    """The files given with `--config` on a command line."""
+    files = [value for flag, value in itertools.pairwise(args) if flag == "--config"]
+    return [Path(f) for f in files + [a.removeprefix("--config=") for a in args if a.startswith("--config=")]]
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def yaml_problem(files: list[Path], seen: set[Path] | None = None) -> str | None:
+    """`<file>: <problem> at line L, column C` for the first of `files` (or of the YAML files they
+    name, e.g. `model: models/tiny_decoder.yaml`, relative to the naming file) that is not valid YAML."""
+    seen = set() if seen is None else seen
+    for file in files:
+        if file.resolve() in seen or not file.is_file():
+            continue
+        seen.add(file.resolve())
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.MarkedYAMLError as err:
+            mark, context = err.problem_mark, ""
+            if err.context and err.context_mark:
+                context = f" ({err.context} at line {err.context_mark.line + 1})"
+            return f"{file}: {err.problem} at line {mark.line + 1}, column {mark.column + 1}{context}"
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        named = [file.parent / s for s in _strings(loaded) if s.endswith(YAML_SUFFIXES)]
+        if problem := yaml_problem(named, seen):
+            return problem
+    return None
+
+
+def parse_error(message: str, option_strings: list[str], config_files: list[Path]) -> str:
+    """The one line for a jsonargparse parse error; a YAML syntax error names its file."""
+    if "<unicode string>" in message and (problem := yaml_problem(config_files)):
+        return f"config: {problem}"
+    return one_line(message, option_strings)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
 from transformers.utils import logging as transformers_logging
 
@@ -33,10 +33,16 @@ from evaluation.suites import (
     save_results,
     suite_module,
 )
+from experiments.cli_errors import config_args, parse_error
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        prog="python -m experiments.evaluate",
+        description=__doc__.split("\n\n")[0],
+        exit_on_error=False,  # parse errors become one line, not a usage dump
+        allow_abbrev=False,  # --ppl.max_block is a typo to report, not max_blocks
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these keys")
     parser.add_argument("--run", type=str, required=True, help="a masklab run dir or a local transformers model folder")
     parser.add_argument("--suites", type=str, required=True, help=f"comma-separated suites to run: {', '.join(SUITES)}")
@@ -55,13 +61,29 @@ def run_dir_of(folder: Path) -> Path:
     return folder.parent if (folder.parent / "config.yaml").is_file() else folder
 
 
+def make_out_dir(config_out: str | None, run_dir: Path) -> Path:
+    """The folder for plots and the report, made before anything is evaluated or logged."""
+    out_dir = Path(config_out) if config_out else run_dir / "eval"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out: cannot make {out_dir}: {err.strerror}") from None
+    return out_dir
+
+
 def main(args: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
-    config = parser.parse_args(args)
     transformers_logging.disable_progress_bar()  # weight-loading bars would bury the report
     try:
+        try:
+            config = parser.parse_args(args)
+        except ArgumentError as err:
+            files = config_args(sys.argv[1:] if args is None else args)
+            raise ConfigError(parse_error(str(err), list(parser._option_string_actions), files)) from None
         names = parse_suites(config.suites)
         folder = model_dir(config.run)
+        run_dir = run_dir_of(folder)
+        out_dir = make_out_dir(config.out, run_dir)
         objects = parser.instantiate(config)
         loaded = load_model(str(folder))
         device = (
@@ -75,8 +97,6 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     except MasklabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_dir = run_dir_of(folder)
-    out_dir = Path(config.out) if config.out else run_dir / "eval"
     with SummaryWriter(str(run_dir)) as writer:
         report = save_results(results, out_dir, run_dir / "metrics.json", writer, config.step)
     print(report.read_text())

@@ -39,16 +39,24 @@ from callbacks.policy_driver import compatibility_errors
 from callbacks.progress import ProgressLine
 from core.errors import ConfigError, MasklabError
 from datamodules.tokenizer import SPECIAL_TOKENS, default_to_init_tokenizer
-from experiments.cli_errors import one_line
+from experiments.checkpoints import (
+    checkpoint_callbacks,
+    checkpoint_step,
+    data_errors,
+    model_errors,
+    start_errors,
+    use_checksums,
+)
+from experiments.cli_errors import config_args, parse_error
 from experiments.run_dir import (
     FINISHED,
     RUN_VERSION_ENV,
     RunDirSnapshot,
-    checkpoint_errors,
-    checkpoint_step,
-    resolve_run,
+    claim_run,
+    find_checkpoint,
     write_status,
 )
+from experiments.run_lock import RunLock
 from lightning_modules import LanguageModelModule
 
 # Our sampler skips the batches an interrupted epoch consumed (see ResumableSampler), so
@@ -57,6 +65,7 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 TRAINER_DEFAULTS = Path(__file__).parent / "configs" / "trainers" / "default.yaml"
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte and masklab's special tokens
+NOTHING_TO_KEEP = "interrupted before the first training step: nothing to keep"
 
 HELP = """\
 masklab: train one experiment from a config; any key below can be overridden on the command line:
@@ -135,6 +144,13 @@ class MasklabCLI(LightningCLI):
             "last.ckpt of an unfinished run of this experiment. A finished run's checkpoint starts a new run dir.",
         )
         parser.add_argument(
+            "--allow_other_data",
+            type=bool,
+            default=False,
+            help="Continue from a checkpoint although the data's tokenizer or corpus differs from the one it "
+            "was trained on (e.g. continued pre-training on new text); without it such a start is refused.",
+        )
+        parser.add_argument(
             "--threads",
             type=int | None,
             default=None,
@@ -178,23 +194,30 @@ class MasklabCLI(LightningCLI):
         if config.experiment is None:
             config_files = config.get("config") or []
             config.experiment = Path(str(config_files[0])).stem if config_files else "default"
-        resolved = resolve_run(Path(config.runs_dir), config.experiment, config.ckpt_path)
+        root = Path(config.runs_dir) / config.experiment
+        ckpt_path, resume_dir = find_checkpoint(root, config.ckpt_path)
+        max_steps = config.trainer.get("max_steps")
+        if ckpt_path and (errors := start_errors(ckpt_path, config.model.class_path, max_steps, resume_dir is None)):
+            raise ConfigError(errors)
+        resolved = claim_run(root, ckpt_path, resume_dir)
         self.run_version, config.ckpt_path = resolved.version, resolved.ckpt_path
-        self.run_dir = Path(config.runs_dir) / config.experiment / f"version_{self.run_version}"
+        self.run_dir = root / f"version_{self.run_version}"
+        self.run_note = resolved.note if rank_zero_only.rank == 0 else None  # printed once every check passed
         self.snapshot = RunDirSnapshot.take(self.run_dir, resolved.claimed, resolved.made_from)
-        if resolved.note and rank_zero_only.rank == 0:
-            print(resolved.note)
+        # rank 0 of the launch holds the lock; the workers Lightning starts for DDP train in its run dir
+        self.lock = RunLock(self.run_dir) if rank_zero_only.rank == 0 and RUN_VERSION_ENV not in os.environ else None
 
     def parse_arguments(self, parser, args) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(one_line(str(err), list(parser._option_string_actions))) from err
+            files = [TRAINER_DEFAULTS, *config_args(sys.argv[1:] if args is None else args)]
+            raise ConfigError(parse_error(str(err), list(parser._option_string_actions), files)) from err
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except Exception:
+        except BaseException:  # Ctrl-C while the tokenizer trains, too
             self.release_run_dir()
             raise
 
@@ -203,6 +226,11 @@ class MasklabCLI(LightningCLI):
         is removed (its number is free again), a resumed one is left as it was."""
         if rank_zero_only.rank == 0:
             self.snapshot.restore()
+        self.release_lock()
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
@@ -216,10 +244,15 @@ class MasklabCLI(LightningCLI):
                 default_hp_metric=False,
                 purge_step=resumed_at,
             )
+        checkpoints = checkpoint_callbacks(self.config_init["checkpoint"], self.config.checkpoint.as_dict())
+        self.config_init["checkpoint"] = checkpoints[0]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # e.g. a strategy this machine cannot run
             raise ConfigError(f"trainer: {err}") from err
+        trainer.callbacks.extend(checkpoints[1:])
+        use_checksums(trainer.strategy)
+        return trainer
 
 
 def masklab_cause(err: BaseException | None) -> MasklabError | None:
@@ -229,14 +262,11 @@ def masklab_cause(err: BaseException | None) -> MasklabError | None:
     return err
 
 
-def main(args: list[str] | None = None) -> MasklabCLI:
-    # Tiny values in AdamW states and gradients turn into denormal floats, which x86 CPUs compute
-    # up to 10x slower; flushing them to zero keeps CPU training at full speed (no effect on GPU).
-    torch.set_flush_denormal(True)
-    claimed_version = RUN_VERSION_ENV not in os.environ
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after an interrupt; give it back after
+def build_cli(args: list[str] | None) -> MasklabCLI:
+    """The CLI with its model, data and trainer. A Ctrl-C meanwhile (e.g. while the tokenizer
+    trains) has left every run dir as it was (`instantiate_classes`): exit 130 with one line."""
     try:
-        cli = MasklabCLI(
+        return MasklabCLI(
             LanguageModelModule,
             L.LightningDataModule,
             subclass_mode_model=True,
@@ -264,12 +294,36 @@ def main(args: list[str] | None = None) -> MasklabCLI:
             run=False,
             args=args,
         )
-        if errors := compatibility_errors(cli.model, cli.datamodule, cli.trainer.callbacks):
+    except KeyboardInterrupt:
+        print(NOTHING_TO_KEEP, file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def start_errors_after_instantiation(cli: MasklabCLI) -> list[str]:
+    """What only the instantiated model, data and callbacks can tell: policy and model fit
+    together, and the checkpoint fits the model and was trained on this data."""
+    if errors := compatibility_errors(cli.model, cli.datamodule, cli.trainer.callbacks):
+        return errors
+    if not cli.config.ckpt_path:
+        return []
+    errors = [] if cli.config.allow_other_data else data_errors(cli.config.ckpt_path, cli.datamodule)
+    return errors or model_errors(cli.config.ckpt_path, cli.model)
+
+
+def main(args: list[str] | None = None) -> MasklabCLI:
+    # Tiny values in AdamW states and gradients turn into denormal floats, which x86 CPUs compute
+    # up to 10x slower; flushing them to zero keeps CPU training at full speed (no effect on GPU).
+    torch.set_flush_denormal(True)
+    claimed_version = RUN_VERSION_ENV not in os.environ
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after an interrupt; give it back after
+    cli = None
+    try:
+        cli = build_cli(args)
+        if errors := start_errors_after_instantiation(cli):
             cli.release_run_dir()
             raise ConfigError(errors)
-        if cli.config.ckpt_path and (errors := checkpoint_errors(cli.config.ckpt_path, cli.model)):
-            cli.release_run_dir()
-            raise ConfigError(errors)
+        if cli.run_note:
+            print(cli.run_note)
         if cli.run_version is not None:
             os.environ[RUN_VERSION_ENV] = str(cli.run_version)
         trainer = cli.trainer
@@ -289,6 +343,8 @@ def main(args: list[str] | None = None) -> MasklabCLI:
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(getattr(cause, "exit_code", 2))
     finally:
+        if cli is not None:
+            cli.release_lock()
         signal.signal(signal.SIGINT, sigint)
         if claimed_version:
             os.environ.pop(RUN_VERSION_ENV, None)
@@ -310,7 +366,7 @@ def fit(cli: MasklabCLI) -> None:
         if not guard.trained(trainer):
             cli.release_run_dir()
             if interrupted:
-                print("interrupted before the first training step: nothing to keep", file=sys.stderr)
+                print(NOTHING_TO_KEEP, file=sys.stderr)
                 raise SystemExit(130) from None
             raise
         step = trainer.global_step

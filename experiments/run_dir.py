@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from core.errors import ConfigError
@@ -75,37 +74,47 @@ def _last_unfinished(root: Path) -> Path:
     raise ConfigError(f"ckpt_path=last: no {root}/version_*/checkpoints/last.ckpt to resume from")
 
 
-def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> Resolution:
-    """The version directory this run logs into, and the checkpoint to resume from.
+def find_checkpoint(root: Path, ckpt_path: str | None) -> tuple[str | None, Path | None]:
+    """The checkpoint file `--ckpt_path` names, and the run dir it resumes in place (None: a new one).
 
     `last` picks the newest unfinished run of the experiment; a run directory stands for its
     `checkpoints/last.ckpt`. A checkpoint of an unfinished run resumes into that run; any other
     checkpoint (a finished run's, or one from elsewhere) starts a new version directory, so a
-    finished run is never changed. The version is None on the ranks > 0 of a run started by an
-    external launcher (torchrun, SLURM's srun): rank 0 claims the directory and the trainer hands
-    it to the others (`trainer.log_dir` is a broadcast)."""
-    root = runs_dir / experiment
+    finished run is never changed. Nothing is written: the caller checks the checkpoint first."""
     if ckpt_path == "last":
         ckpt_path = str(_last_unfinished(root))
     elif ckpt_path and Path(ckpt_path).is_dir():
         ckpt_path = str(Path(ckpt_path) / "checkpoints" / "last.ckpt")
+    if not ckpt_path:
+        return None, None
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: {ckpt_path!r} is not a checkpoint file")
+    version_dir = _version_of(Path(ckpt_path), root)
+    return ckpt_path, version_dir if version_dir is not None and run_status(version_dir) != FINISHED else None
+
+
+def claim_run(root: Path, ckpt_path: str | None, resume_dir: Path | None) -> Resolution:
+    """The version directory this run logs into: `resume_dir`, or a new `version_<n>` made now.
+
+    The version is None on the ranks > 0 of a run started by an external launcher (torchrun,
+    SLURM's srun): rank 0 claims the directory and the trainer hands it to the others
+    (`trainer.log_dir` is a broadcast)."""
+    if resume_dir is not None:
+        note = f"resuming the unfinished run {root / resume_dir.name} from {ckpt_path}"
+        return Resolution(int(resume_dir.name.removeprefix("version_")), ckpt_path, note)
     note = None
     if ckpt_path:
-        ckpt = Path(ckpt_path)
-        if not ckpt.is_file():
-            raise ConfigError(f"ckpt_path: {ckpt_path!r} is not a checkpoint file")
-        version_dir = _version_of(ckpt, root)
-        if version_dir is not None and run_status(version_dir) != FINISHED:
-            note = f"resuming the unfinished run {root / version_dir.name} from {ckpt_path}"
-            return Resolution(int(version_dir.name.removeprefix("version_")), ckpt_path, note)
-        owner = "the finished run's checkpoint" if version_dir is not None else "checkpoint"
+        owner = "the finished run's checkpoint" if _version_of(Path(ckpt_path), root) else "checkpoint"
         note = f"continuing from {owner} {ckpt_path} in a new run dir"
     if RUN_VERSION_ENV in os.environ:
         return Resolution(int(os.environ[RUN_VERSION_ENV]), ckpt_path)
     if rank_zero_only.rank != 0:  # read by Lightning from the launcher's RANK / SLURM_PROCID
         return Resolution(None, ckpt_path)
     missing = [folder for folder in (root, *root.parents) if not folder.exists()]
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # runs_dir is a file, or a folder this user may not write to
+        raise ConfigError(f"runs_dir: cannot make {root}: {err.strerror}") from None
     version = 0
     while True:  # mkdir claims the number, so two runs started together never share a directory
         try:
@@ -114,6 +123,8 @@ def resolve_run(runs_dir: Path, experiment: str, ckpt_path: str | None) -> Resol
             return Resolution(version, ckpt_path, note, claimed=True, made_from=missing[-1] if missing else None)
         except FileExistsError:
             version += 1
+        except OSError as err:
+            raise ConfigError(f"runs_dir: cannot make {root / f'version_{version}'}: {err.strerror}") from None
 
 
 @dataclass
@@ -151,60 +162,3 @@ class RunDirSnapshot:
                 path.write_bytes(self.files[path])
             elif path.is_dir() and not any(path.iterdir()) and not any(f.is_relative_to(path) for f in self.files):
                 path.rmdir()
-
-
-def objective_word(module_class: type) -> str:
-    objective = getattr(module_class, "objective", None)
-    kind = {"causal": "decoder", "mlm": "encoder"}.get(objective, "model")
-    return f"{module_class.__name__} ({kind}, {objective!r} objective)"
-
-
-def checkpoint_step(ckpt_path: str) -> int | None:
-    """The optimiser step a checkpoint was saved at (None when unreadable: `checkpoint_errors` says why)."""
-    try:
-        return int(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
-    except Exception:
-        return None
-
-
-def checkpoint_errors(ckpt_path: str, model: torch.nn.Module) -> list[str]:
-    """Why `ckpt_path` cannot resume `model`, found before the trainer writes anything.
-
-    The checkpoint is memory-mapped, so even a large one costs little to look into."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # torch raises RuntimeError, OSError, pickle errors... for a damaged file
-        try:  # without mmap, for the reason (mmap of a truncated file only says "Invalid argument")
-            torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            reason = "it cannot be memory-mapped"
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return [f"ckpt_path: {ckpt_path!r} is not a readable checkpoint (truncated or damaged? {reason})"]
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        return [f"ckpt_path: {ckpt_path!r} is not a Lightning training checkpoint (no state_dict)"]
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-    if class_path:
-        module_name, _, class_name = class_path.rpartition(".")
-        try:
-            saved_class = getattr(__import__(module_name, fromlist=[class_name]), class_name)
-        except (ImportError, AttributeError):
-            saved_class = None
-        if saved_class is not type(model):
-            saved = objective_word(saved_class) if saved_class else class_path
-            wanted = objective_word(type(model))
-            return [f"ckpt_path: {ckpt_path!r} holds a {saved} checkpoint, but the config trains {wanted}"]
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-    differ = [k for k in expected.keys() & saved.keys() if expected[k] != saved[k]]
-    missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
-    if differ or missing or unexpected:
-        example = (
-            f"e.g. {differ[0]}: checkpoint {list(saved[differ[0]])}, config {list(expected[differ[0]])}; "
-            if differ
-            else ""
-        )
-        return [
-            f"ckpt_path: {ckpt_path!r} does not fit the configured model ({example}{len(differ)} tensors differ in "
-            f"shape, {len(missing)} missing, {len(unexpected)} unexpected): resume with the run's own config"
-        ]
-    return []

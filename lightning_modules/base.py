@@ -40,6 +40,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     fused: bool | None = None
 
+    def __post_init__(self) -> None:
+        # torch would refuse it only when the optimiser is built, with a traceback, after the run dir is made
+        if self.lr < 0:
+            raise ConfigError(f"model.optimizer.lr must be >= 0, got {self.lr}")
+
 
 @dataclass
 class TokenStats:

@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_finite_checkpoint(
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and status["step"] == step and "NonFiniteLossError" in status["message"]
     assert not (run_dir / "hf_model").exists() and not (run_dir / "metrics.json").exists()
-    for checkpoint in (run_dir / "checkpoints").iterdir():  # "best" and "last" alike: from finite states only
+    for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):  # "best" and "last" alike: from finite states only
         state = torch.load(checkpoint, weights_only=False)
         assert state["global_step"] <= kept_step
         assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
