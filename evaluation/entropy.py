@@ -138,6 +138,12 @@ def position_metrics(scores: dict[str, Tensor], threshold: float) -> dict[str, f
     return metrics
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (those of `position_metrics`), so a study can check its metric names."""
+    by_position = [f"{key}_{name}" for name in POSITIONS for key in ("acc", "loss", "entropy")]
+    return ["acc", "loss", "mean_entropy", "forking_share", *by_position]
+
+
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     block_size = options.block_size or loaded.block_size or 128
     blocks = heldout_blocks(

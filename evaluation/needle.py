@@ -138,6 +138,11 @@ def heatmap(grid: np.ndarray, lengths: list[int], title: str):
     return figure
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (`<n>`: a prompt length), so a study can check its metric names before training."""
+    return ["acc", "rouge1_recall", "value_logprob", "acc_length_<n>"]
+
+
 def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
     new_tokens = len(loaded.tokenizer(" 10000.", add_special_tokens=False)["input_ids"]) + 1
     cases = build_cases(loaded, options, new_tokens)

@@ -220,6 +220,16 @@ def file_tasks(data: str | list[str], examples: int) -> dict[str, list[Example]]
     return {name: read[file] for name, file in zip(names, files)}
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (`<p>`: a gold position), so a study can check its metric names before training."""
+    if options.data:
+        files = as_names(options.data)
+        tasks = [f"litm_{kind}" for kind in TASKS] if len(files) == 1 else [Path(f).name.split(".")[0] for f in files]
+    else:
+        tasks = options.tasks or list(TASKS)
+    return ["acc", *(name for task in tasks for name in (f"{task}/acc", f"{task}/acc_position_<p>"))]
+
+
 def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
     tasks = options.tasks or list(TASKS)
     unknown = sorted(set(tasks) - set(TASKS))

@@ -16,6 +16,9 @@ from core.batch import IGNORE_INDEX
 from core.errors import ConfigError, raise_if_any
 from lightning_modules.flops import flop_counts
 
+# what a run's final validation writes to metrics.json as val/<name> (a study checks its metric names with it)
+VALIDATION_METRICS = ("loss", "ppl", "acc")
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -266,8 +269,9 @@ class LanguageModelModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
+        values = {"loss": loss, "ppl": torch.exp(loss), "acc": self.val_acc.compute()}
         self.log_dict(
-            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()},
+            {f"val/{name}": values[name] for name in VALIDATION_METRICS},
             prog_bar=True,
             sync_dist=True,  # already synced by torchmetrics; this only tells Lightning so
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,55 @@ def test_bad_input_is_one_line_before_anything_trains(tmp_path, capsys, monkeypa
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "studies").exists()
+
+
+def test_dry_run_refuses_a_metric_name_no_run_writes_naming_the_closest(tmp_path):
+    """Issue 21.10, through the real entry point: a misspelt suite metric and a misspelt validation
+    metric are refused before anything trains (they used to pass as "every config is valid")."""
+    metrics = {"eval/needle/accc": "higher", "val/pplx": "lower", "eval/retrieval/kv/acc_position_3": "higher"}
+    config = write_study(tmp_path, evaluate={"suites": ["needle", "retrieval"]}, metrics=metrics)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.study", "--config", config, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "every config is valid" not in result.stdout
+    assert "metrics.eval/needle/accc: no run writes it (the needle suite writes eval/needle/acc, " in result.stderr
+    assert "did you mean eval/needle/acc?" in result.stderr
+    assert "metrics.val/pplx: no run writes it (a run's final validation writes val/acc, val/loss, val/ppl" in (
+        result.stderr
+    )
+    assert "did you mean val/ppl?" in result.stderr
+    assert "acc_position_3" not in result.stderr  # a placeholder name (`kv/acc_position_<p>`) matches
+
+
+def test_a_metric_only_the_other_objective_writes_is_refused_once_the_arms_models_are_known(tmp_path, monkeypatch):
+    """eval/ppl/ppl is a decoder's; encoder arms write eval/ppl/pseudo_ppl. Before the arms' configs are
+    resolved either objective may write it; the plan knows the models and refuses it."""
+    monkeypatch.setattr(driver, "launch", lambda *a: pytest.fail("a run was started"))
+    mlm = {
+        "random": {"config": "experiments/configs/mlm_random.yaml"},
+        "amlm": {"config": "experiments/configs/amlm_hard.yaml"},
+    }
+    config = write_study(
+        tmp_path, arms=mlm, baseline="random", evaluate={"suites": ["ppl"]}, metrics={"eval/ppl/ppl": "lower"}
+    )
+    study = load_study(config)  # either objective could write it
+    with pytest.raises(ConfigError) as error:
+        driver.plan(study, 1e9)
+    assert error.value.errors == [
+        f"{config}: metrics.eval/ppl/ppl: no run writes it (the ppl suite writes eval/ppl/nll, "
+        "eval/ppl/pseudo_ppl for these arms' mlm models): did you mean eval/ppl/pseudo_ppl?"
+    ]
+
+
+def test_an_unknown_size_lists_each_size_once(tmp_path):
+    path = write_study(tmp_path, sizes={"cpu": {"seeds": 3}, "gpu": {"seeds": 5}})
+    with pytest.raises(ConfigError, match=r"--size 'tpu' is not a size of this study \(sizes: cpu, gpu\)$"):
+        load_study(path, size="tpu")
 
 
 def test_unequal_budgets_pass_when_allowed_and_a_budget_sets_the_steps(tmp_path):
