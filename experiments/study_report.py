@@ -25,7 +25,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from experiments.stats import Estimate, estimate, paired_differences, verdict
+from experiments.stats import Estimate, adjusted_verdict, estimate, holm, p_value, paired_differences, verdict
 from experiments.study_config import Study
 
 POSITION_KEY = re.compile(r"^eval/retrieval(@[^/]+)?/(?P<task>.+)/acc_position_(?P<position>\d+)$")
@@ -96,12 +96,38 @@ def interval(e: Estimate, signed: bool = False) -> str:
     return mean if e.n < 2 else f"{mean} [{e.low:{sign}.4g}, {e.high:{sign}.4g}]"
 
 
-def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
+def differences(study: Study, results: list[RunResult]) -> dict[tuple[str, str], Estimate]:
+    """Every comparison the study makes: (metric, arm) -> the paired difference arm - baseline."""
+    return {
+        (metric, arm): estimate(
+            list(paired_differences(by_seed(results, arm, metric), by_seed(results, study.baseline, metric)).values())
+        )
+        for metric in study.metrics
+        for arm in study.compared
+        if arm != study.baseline
+    }
+
+
+def holm_adjusted(compared: dict[tuple[str, str], Estimate]) -> dict[tuple[str, str], float]:
+    """Each comparison's p-value, Holm-adjusted over all the study's comparisons."""
+    return dict(zip(compared, holm([p_value(d) for d in compared.values()])))
+
+
+def metric_table(
+    study: Study,
+    results: list[RunResult],
+    metric: str,
+    compared: dict[tuple[str, str], Estimate],
+    adjusted: dict[tuple[str, str], float],
+) -> str:
+    """Each arm's mean and interval, its paired difference to the baseline with the verdict, and the
+    verdict Holm-adjusted over the study's comparisons (`adjusted`: their adjusted p-values)."""
     higher = study.metrics[metric] == "higher"
-    base = by_seed(results, study.baseline, metric)
+    family = sum(not math.isnan(p) for p in adjusted.values())
     rows = [
-        f"| arm | n | mean ± 95% CI | 95% CI | paired difference to {study.baseline} [95% CI] | pairs | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| arm | n | mean ± 95% CI | 95% CI | paired difference to {study.baseline} [95% CI] | pairs | verdict "
+        "| Holm-adjusted p | adjusted verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for arm in study.compared:
         values = by_seed(results, arm, metric)
@@ -109,10 +135,13 @@ def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
         spread = "–" if e.n == 0 else fmt(e.mean) if e.n < 2 else f"{e.mean:.4g} ± {e.half_width:.3g}"
         ci = "–" if e.n < 2 else f"[{e.low:.4g}, {e.high:.4g}]"
         if arm == study.baseline:
-            rows.append(f"| {arm} (baseline) | {e.n} | {spread} | {ci} | – | – | – |")
+            rows.append(f"| {arm} (baseline) | {e.n} | {spread} | {ci} | – | – | – | – | – |")
             continue
-        d = estimate(list(paired_differences(values, base).values()))
-        rows.append(f"| {arm} | {e.n} | {spread} | {ci} | {interval(d, signed=True)} | {d.n} | {verdict(d, higher)} |")
+        d, p = compared[metric, arm], adjusted[metric, arm]
+        rows.append(
+            f"| {arm} | {e.n} | {spread} | {ci} | {interval(d, signed=True)} | {d.n} | {verdict(d, higher)} "
+            f"| {fmt(p) if math.isnan(p) or p >= 0.001 else '<0.001'} | {adjusted_verdict(d, p, higher, family)} |"
+        )
     return "\n".join(rows)
 
 
@@ -136,6 +165,9 @@ def cost_table(study: Study, results: list[RunResult]) -> str:
 
 def report_text(study: Study, results: list[RunResult], plots: list[Path], command: str) -> str:
     failed = [r for r in results if r.status != "ok"]
+    compared = differences(study, results)
+    adjusted = holm_adjusted(compared)
+    family = sum(not math.isnan(p) for p in adjusted.values())
     lines = [
         f"# Study: {study.name}",
         "",
@@ -149,9 +181,15 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
         'baseline per seed, over the seeds both finished. The verdict is "better" or "worse" when the '
         'difference\'s interval excludes 0, else "no difference detected at n=<pairs>".',
         "",
+        f"This study makes {family} comparisons (metrics x arms against the baseline), so some of those verdicts "
+        "are expected by chance at 95% each. The adjusted verdict is Holm's over all of them (paired t-test "
+        "p-values, multiplied step-down so that the chance of any false call in the study stays at 5%): a "
+        "claim should rest on it.",
+        "",
     ]
     for metric, direction in study.metrics.items():
-        lines += [f"## {metric} ({direction} is better)", "", metric_table(study, results, metric), ""]
+        table = metric_table(study, results, metric, compared, adjusted)
+        lines += [f"## {metric} ({direction} is better)", "", table, ""]
         values = {v for arm in study.compared for v in by_seed(results, arm, metric).values()}
         if not values:
             lines += [f"No run wrote {metric!r} to its metrics.json.", ""]

@@ -338,6 +338,25 @@ def test_report_on_hand_made_metrics(tmp_path):
     ]
 
 
+def test_the_report_gives_the_holm_adjusted_verdict_beside_each_comparisons_own(tmp_path):
+    """Two comparisons that are "better" alone (paired differences 1.0, 1.5, 2.0: p = 0.0351 each, worked out
+    in test_stats) are not after Holm over the study's two comparisons (2 x 0.0351 = 0.0702)."""
+    study = load_study(write_study(tmp_path, seeds=3, metrics={"val/acc": "higher", "val/ppl": "lower"}))
+    outcomes = [
+        fake_run(tmp_path, arm, seed, {"val/acc": value, "val/ppl": -value})
+        for arm, values in (("ntp", [1.0, 2.0, 3.0]), ("meap", [2.0, 3.5, 5.0]))
+        for seed, value in enumerate(values)
+    ]
+    report = write_report(study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
+    assert "This study makes 2 comparisons" in report
+    assert "| Holm-adjusted p | adjusted verdict |" in report
+    assert (
+        report.count("| +1.5 [+0.2579, +2.742] | 3 | better | 0.0702 | no difference detected (Holm, 2 comparisons) |")
+        == 1
+    )
+    assert "| ntp (baseline) | 3 | 2 ± 2.48 | [-0.4841, 4.484] | – | – | – | – | – |" in report
+
+
 def test_report_plots_the_groups_the_study_compares_when_evaluate_args_name_other_data(tmp_path):
     """`--needle.haystack essays` writes eval/needle@essays.json and eval/retrieval@kv/... keys: the heatmaps and
     the by-position plot read those groups, not the untagged ones."""
