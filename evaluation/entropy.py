@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.entropy_analysis import FORKING_THRESHOLD, forking_stats
 from core.errors import DataError
 from datamodules.masking import TokenBlock
 from datamodules.policies.sentence import rank_from_end
+from evaluation.entropy_summaries import FORKING_THRESHOLD, forking_stats
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult

@@ -125,6 +125,17 @@ def name_matches(template: str, name: str) -> bool:
     return re.fullmatch(PLACEHOLDER.sub("[^/]+", re.escape(template)), name) is not None
 
 
+def chance_level(metric: str) -> float | None:
+    """The score of guessing at random, for an `eval/<group>/<name>` metric whose suite knows it
+    (`CHANCE` in its module: BLiMP's 0.5, the needle value's ln(1/9000)); None elsewhere."""
+    group, _, name = metric.removeprefix("eval/").partition("/")
+    suite = group.partition("@")[0]
+    if not metric.startswith("eval/") or suite not in SUITES:
+        return None
+    chance = getattr(suite_module(suite), "CHANCE", {})
+    return next((level for template, level in chance.items() if name_matches(template, name)), None)
+
+
 def group_name(name: str, options: Any) -> str:
     tag = data_tag(name, options)
     return f"{name}@{tag}" if tag else name
