@@ -103,6 +103,7 @@ def exported_tokenizer(
     the model)."""
     exported = copy.deepcopy(framed_like_training(tokenizer, objective))
     exported.padding_side = "left" if objective == "causal" else "right"
+    exported.init_kwargs["padding_side"] = exported.padding_side  # what save_pretrained writes
     exported.model_max_length = context_length(config)
     return exported
 

@@ -312,7 +312,8 @@ def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dic
 
 
 PERPLEXITY = re.compile(r"(^|_)ppl$")  # val/ppl, eval/ppl/pseudo_ppl: spans orders of magnitude, drawn on a log axis
-UNIT_INTERVAL = re.compile(r"(^|_)(acc|accuracy|share|recall|f1)(_|$)")  # a proportion: its interval lies in [0, 1]
+# a proportion (not a gain, the difference of two): its interval lies in [0, 1]
+UNIT_INTERVAL = re.compile(r"^(?!.*_gain$).*(^|_)(acc|accuracy|share|recall|f1)(_|$)")
 
 
 def whiskers(metric: str, e: Estimate) -> tuple[float, float]:
@@ -329,8 +330,10 @@ def whiskers(metric: str, e: Estimate) -> tuple[float, float]:
 
 def reference_level(results: list[RunResult], arms: list[str], metric: str) -> tuple[float, str] | None:
     """The level at which a metric says nothing was learnt, where it is known: the unigram predictor's
-    for the final validation, chance for a suite that knows it."""
-    if (level := unigram_level(results, arms, metric)) is not None:
+    for the final validation (when every run validates on its objective's shared task, so one level fits
+    all), chance for a suite that knows it."""
+    shared = not any(loss_targets(r.run_dir)[1] for r in results if r.arm in arms and r.status == "ok")
+    if shared and (level := unigram_level(results, arms, metric)) is not None:
         return level, f"unigram predictor ({level:.3g})"
     if (level := chance_level(metric)) is not None:
         return level, f"chance ({level:.3g})"
