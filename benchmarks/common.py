@@ -198,7 +198,7 @@ def save_tiny_hf_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from datamodules.corpus import BuiltinCorpus
-    from datamodules.tokenizer import framed_like_training, train_bpe
+    from datamodules.tokenizer import exported_tokenizer, train_bpe
 
     torch.manual_seed(0)
     tokenizer = train_bpe(BuiltinCorpus(0).documents(60), vocab_size=300)
@@ -220,5 +220,5 @@ def save_tiny_hf_model(
     else:
         model = AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", type_vocab_size=1, **ids, **shape))
     model.save_pretrained(folder)
-    framed_like_training(tokenizer, objective).save_pretrained(folder)  # as ExportCallback saves it
+    exported_tokenizer(tokenizer, objective, model.config).save_pretrained(folder)  # as ExportCallback saves it
     return folder

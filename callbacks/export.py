@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from datamodules.tokenizer import framed_like_training
+from datamodules.tokenizer import exported_tokenizer
 from evaluation.result import update_metrics_json
 
 
@@ -49,6 +49,7 @@ class ExportCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         export_dir = run_dir / "hf_model"
-        pl_module.export_model().save_pretrained(export_dir, state_dict=state)
-        framed_like_training(trainer.datamodule.tokenizer, pl_module.objective).save_pretrained(export_dir)
+        model = pl_module.export_model()
+        model.save_pretrained(export_dir, state_dict=state)
+        exported_tokenizer(trainer.datamodule.tokenizer, pl_module.objective, model.config).save_pretrained(export_dir)
         update_metrics_json(run_dir / "metrics.json", scalar_metrics(trainer.callback_metrics))

@@ -23,12 +23,10 @@ from transformers import PreTrainedTokenizerBase
 from core.errors import DataError, raise_if_any
 from datamodules.collate import batch_generator
 from datamodules.loading import (
-    Loaders,
+    Sources,
     TokenizedDataModule,
-    TokenizerSource,
-    bind_ratio,
+    adopt_policy,
     check_mask_token,
-    check_protocol,
     common_config_errors,
 )
 from datamodules.masking import Vocab
@@ -280,28 +278,13 @@ class FineTuneDataModule(TokenizedDataModule):
         seed: int = 0,
         cache_dir: str = ".cache/masklab",
     ) -> None:
-        super().__init__()
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
-        self.policy = masking if masking is not None else PlainSFT()
-        check_protocol(self.policy, FineTunePolicy, "datamodules.PretrainingDataModule")
-        bind_ratio(self.policy, mask_ratio)
-        self.builtin_documents, self.val_fraction = builtin_documents, val_fraction
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.tokenizer_source = TokenizerSource(
-            str(model_folder(tokenizer_path)) if tokenizer_path else None,
-            vocab_size,
-            Path(cache_dir),
-            lambda: self.source_key,
-            lambda: self._texts("train")["text"],
-        )
-        self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
-        self.data_path, self.val_data_path = data_path, val_data_path
-        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
-            hf_dataset,
-            hf_config,
-            hf_split,
-            hf_val_split,
-        )
+        sources = Sources(data_path, val_data_path, hf_dataset, hf_config, hf_split, hf_val_split)
+        tokenizer = str(model_folder(tokenizer_path)) if tokenizer_path else None
+        super().__init__(sources, tokenizer, vocab_size, cache_dir, batch_size, num_workers, pin_memory, seed)
+        policy = masking if masking is not None else PlainSFT()
+        self.policy = adopt_policy(policy, FineTunePolicy, "datamodules.PretrainingDataModule", mask_ratio)
+        self.builtin_documents, self.val_fraction, self.block_size = builtin_documents, val_fraction, block_size
         self.prompt_field, self.answer_field = prompt_field, answer_field
         self.prompt_template, self.answer_template = prompt_template, answer_template
         self.truncation = truncation
@@ -327,11 +310,14 @@ class FineTuneDataModule(TokenizedDataModule):
 
     @property
     def source_key(self) -> str:
-        if self.data_path:
-            files = jsonl_files(self.data_path, "data.data_path")
-            return stable_hash("sft-files", files_fingerprint(files), self.val_data_path, self.val_fraction, self.seed)
-        if self.hf_dataset:
-            return stable_hash("sft-hf", self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split)
+        sources = self.sources
+        if sources.data_path:
+            files = jsonl_files(sources.data_path, "data.data_path")
+            return stable_hash(
+                "sft-files", files_fingerprint(files), sources.val_data_path, self.val_fraction, self.seed
+            )
+        if sources.hf_dataset:
+            return stable_hash("sft-hf", sources.hf_dataset, sources.hf_config, sources.hf_split, sources.hf_val_split)
         return stable_hash("sft-builtin", self.seed, self.builtin_documents, self.builtin_max_facts)
 
     def pairs(self, split: str) -> list[Pair]:
@@ -342,20 +328,17 @@ class FineTuneDataModule(TokenizedDataModule):
 
     def _load_pairs(self, split: str) -> list[Pair]:
         fields = (self.prompt_field, self.answer_field)
-        if self.data_path:
-            if split == "validation" and self.val_data_path:
-                return read_jsonl(jsonl_files(self.val_data_path, "data.val_data_path"), *fields)
-            pairs = read_jsonl(jsonl_files(self.data_path, "data.data_path"), *fields)
-            return self._holdout(pairs, split) if not self.val_data_path else pairs
-        if self.hf_dataset:
-            if split == "validation" and self.hf_val_split:
-                return read_hf(self.hf_dataset, self.hf_config, self.hf_val_split, *fields)
-            pairs = read_hf(self.hf_dataset, self.hf_config, self.hf_split, *fields)
-            return self._holdout(pairs, split) if not self.hf_val_split else pairs
-        count = (
-            self.builtin_documents if split == "train" else max(8, round(self.builtin_documents * self.val_fraction))
+        documents = self.builtin_documents
+        share = documents if split == "train" else max(8, round(documents * self.val_fraction))
+        return self.sources.read(
+            split,
+            files=lambda path, key: read_jsonl(jsonl_files(path, key), *fields),
+            hf=lambda name: read_hf(self.sources.hf_dataset, self.sources.hf_config, name, *fields),
+            builtin=lambda: [
+                (e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(share, split)
+            ],
+            holdout=lambda pairs: self._holdout(pairs, split),
         )
-        return [(e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(count, split)]
 
     def _holdout(self, pairs: list[Pair], split: str) -> list[Pair]:
         if len(pairs) < 2:
@@ -411,6 +394,7 @@ class FineTuneDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         check_mask_token(self.policy, self.tokenizer, self.vocab)
         self.policy.setup(self.vocab)
+        self.record_files(jsonl_files)
         for split in ("train", "validation"):
             if split not in self.prepared:
                 self.prepared[split] = self.prepare(split)

@@ -4,9 +4,12 @@ differ in their text and their samples, not in these."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -17,6 +20,9 @@ from core.errors import ConfigError, DataError
 from datamodules.masking import Policy, Vocab
 from datamodules.sources import stable_hash
 from datamodules.tokenizer import cached_bpe, load_tokenizer, vocab_of
+
+DATA_FILES = "data_files.json"  # in the run dir: the files each split reads
+T = TypeVar("T")  # what a datamodule reads from its sources: documents or (prompt, answer) pairs
 
 
 def common_config_errors(**args) -> list[str]:
@@ -40,17 +46,15 @@ def common_config_errors(**args) -> list[str]:
     return errors
 
 
-def check_protocol(policy: Policy, protocol: type[Policy], other_datamodule: str) -> None:
-    """Pre-training and fine-tuning policies take different blocks: refuse the other kind."""
+def adopt_policy(policy: Policy, protocol: type[Policy], other_datamodule: str, mask_ratio: float | None) -> Policy:
+    """The datamodule's policy, checked and given its ratio. Pre-training and fine-tuning policies take
+    different blocks, so the other kind is refused; `data.mask_ratio` goes to the policy, the ratio's one
+    home (None = the policy's default), and a policy without a ratio refuses one, so a config cannot
+    believe it set a budget it did not."""
     if not isinstance(policy, protocol):
         raise ConfigError(
             f"data.masking={type(policy).__name__} is not a {protocol.__name__}: it belongs with {other_datamodule}"
         )
-
-
-def bind_ratio(policy: Policy, mask_ratio: float | None) -> None:
-    """Hand `data.mask_ratio` to the policy, the ratio's one home (None = the policy's default).
-    A policy without a ratio refuses one, so a config cannot believe it set a budget it did not."""
     if policy.uses_ratio:
         policy.ratio = policy.default_ratio if mask_ratio is None else mask_ratio
     elif mask_ratio is not None:
@@ -58,6 +62,55 @@ def bind_ratio(policy: Policy, mask_ratio: float | None) -> None:
             f"data.mask_ratio={mask_ratio} is set, but data.masking={type(policy).__name__} has no ratio "
             "(its budget is set by the text): remove data.mask_ratio"
         )
+    return policy
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a datamodule's data comes from: files (`data_path`), a `datasets` source (`hf_dataset`)
+    or the built-in generator; and its validation split: a file or split of its own, else
+    `val_fraction` held out. Pre-training and fine-tuning choose the same way and differ only in
+    what they read from each, which `read` takes as functions."""
+
+    data_path: str | None
+    val_data_path: str | None
+    hf_dataset: str | None
+    hf_config: str | None
+    hf_split: str
+    hf_val_split: str | None
+
+    def read(
+        self,
+        split: str,
+        files: Callable[[str, str], T],
+        hf: Callable[[str], T],
+        builtin: Callable[[], T],
+        holdout: Callable[[T], T],
+    ) -> T:
+        """The "train" or "validation" data: `files(path, key)` reads files, `hf(split_name)` a
+        `datasets` split, `builtin()` the generator's split; `holdout(data)` takes this split's
+        share of a source that has no validation of its own."""
+        if self.data_path:
+            if split == "validation" and self.val_data_path:
+                return files(self.val_data_path, "data.val_data_path")
+            data = files(self.data_path, "data.data_path")
+            return holdout(data) if not self.val_data_path else data
+        if self.hf_dataset:
+            if split == "validation" and self.hf_val_split:
+                return hf(self.hf_val_split)
+            data = hf(self.hf_split)
+            return holdout(data) if not self.hf_val_split else data
+        return builtin()
+
+    def files(self, list_files: Callable[[str, str], list[Path]]) -> dict[str, object] | None:
+        """Which files each split reads (`list_files(path, key)` lists a file or folder as the reader
+        does), or None when the data is not files: what a run dir records in `data_files.json`."""
+        if not self.data_path:
+            return None
+        train = [str(f) for f in list_files(self.data_path, "data.data_path")]
+        if not self.val_data_path:
+            return {"train": train, "validation": "held out from the train files (data.val_fraction)"}
+        return {"train": train, "validation": [str(f) for f in list_files(self.val_data_path, "data.val_data_path")]}
 
 
 def check_mask_token(policy: Policy, tokenizer: PreTrainedTokenizerBase, vocab: Vocab) -> None:
@@ -130,15 +183,49 @@ class TokenizerSource:
 
 class TokenizedDataModule(L.LightningDataModule):
     """A datamodule whose tokenizer comes from a `TokenizerSource`: what the entry point and the
-    evaluation read from either kind (the CLI links `model_vocab` into the model)."""
+    evaluation read from either kind (the CLI links `model_vocab` into the model). A subclass
+    gives `source_key` (names its data in cache keys) and `_texts(split)` (a dataset with a
+    "text" column: what a new BPE is trained on)."""
 
-    tokenizer_source: TokenizerSource
-    data_path: str | None
-    hf_dataset: str | None
-    hf_config: str | None
-    hf_split: str
-    builtin_documents: int
-    seed: int
+    builtin_documents: int  # the subclass's: names the built-in corpus in `corpus`
+
+    def __init__(
+        self,
+        sources: Sources,
+        tokenizer_path: str | None,
+        vocab_size: int,
+        cache_dir: str,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool | None,
+        seed: int,
+        build_tokenizer: Callable[[], PreTrainedTokenizerBase] | None = None,
+    ) -> None:
+        super().__init__()
+        self.sources, self.batch_size, self.seed = sources, batch_size, seed
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer_source = TokenizerSource(
+            tokenizer_path,
+            vocab_size,
+            self.cache_dir,
+            lambda: self.source_key,
+            lambda: self._texts("train")["text"],
+            build_tokenizer,
+        )
+        self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
+
+    def record_files(self, list_files: Callable[[str, str], list[Path]]) -> None:
+        """Write the files the data comes from into the run dir (`data_files.json`), so what a folder
+        contributed is on record, not a guess; nothing when the data is not files or there is no run."""
+        files = self.sources.files(list_files)
+        if files is None or self.trainer is None:
+            return
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        run_dir = Path(log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DATA_FILES).write_text(json.dumps(files, indent=2) + "\n")
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -155,10 +242,11 @@ class TokenizedDataModule(L.LightningDataModule):
     @property
     def corpus(self) -> str:
         """The training text as the user named it."""
-        if self.data_path:
-            return f"data.data_path {str(Path(self.data_path).resolve())!r}"
-        if self.hf_dataset:
-            return f"data.hf_dataset {self.hf_dataset!r} ({self.hf_config}, {self.hf_split})"
+        sources = self.sources
+        if sources.data_path:
+            return f"data.data_path {str(Path(sources.data_path).resolve())!r}"
+        if sources.hf_dataset:
+            return f"data.hf_dataset {sources.hf_dataset!r} ({sources.hf_config}, {sources.hf_split})"
         return f"the built-in corpus ({self.builtin_documents} documents, seed {self.seed})"
 
     def state_dict(self) -> dict[str, str]:

@@ -31,6 +31,7 @@ from torch import Tensor
 from core.batch import IGNORE_INDEX
 
 Objective = Literal["mlm", "causal"]
+NEXT_TOKENS = "every next token"  # the loss targets of next-token prediction, with or without a corrupted input
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +145,13 @@ class Policy:
         check_ratio(value)
         self._ratio[0] = float(value)
 
+    @property
+    def loss_targets(self) -> str | None:
+        """What the training loss is computed on when other policies share it (e.g. "every next token"),
+        so that their training losses compare; None: targets of its own choosing, comparable with no other
+        policy's (a study plots such training losses apart)."""
+        return None
+
     def setup(self, vocab: Vocab) -> None:
         """Called by the datamodule once the tokenizer is known, before any DataLoader worker
         starts: allocate per-type state here (in shared memory, if callbacks update it)."""
@@ -165,20 +173,12 @@ class MaskingPolicy(Policy, ABC):
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
         """Mask `block`; returns input_ids, labels, attention_mask, masked."""
 
-    def validation_policy(self, val_mask_ratio: float) -> MaskingPolicy:
-        """The policy validation batches are made with: one fixed rule per objective, so every
-        variant of an objective is judged on the same task — MLM on a uniform mask at
-        `val_mask_ratio`, causal objectives on clean next-token prediction. A policy whose
-        objective is a different task (e.g. second-to-last prediction) returns itself.
-        Every chosen MLM token becomes [MASK] (no 80/10/10): a token left in the input would
-        score the model for copying it, not for predicting it."""
-        from datamodules.policies.standard import NoMask, RandomMLMMask  # the standard policies subclass this one
-
-        if self.objective == "causal":
-            return NoMask()
-        policy = RandomMLMMask(mask_prob=1.0, random_prob=0.0)
-        policy.ratio = val_mask_ratio
-        return policy
+    def validation_policy(self, val_mask_ratio: float) -> MaskingPolicy | None:
+        """The policy validation batches are made with, when it is not the objective's standard rule
+        (None, the default: `datamodules.policies.standard.standard_validation`, one fixed rule per
+        objective so every variant is judged on the same task). A policy whose objective is a
+        different task (e.g. second-to-last prediction) returns itself."""
+        return None
 
 
 class SelectionPolicy(MaskingPolicy):
@@ -208,6 +208,11 @@ class SelectionPolicy(MaskingPolicy):
     @abstractmethod
     def select(self, block: TokenBlock, generator: torch.Generator) -> Tensor:
         """Return the positions to mask, a [B, L] bool tensor."""
+
+    @property
+    def loss_targets(self) -> str | None:
+        """A decoder's chosen positions only corrupt the input: every next token stays a target."""
+        return NEXT_TOKENS if self.objective == "causal" else None
 
     def __call__(self, block: TokenBlock, generator: torch.Generator) -> dict[str, Tensor]:
         masked = self.select(block, generator)

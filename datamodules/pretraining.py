@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,17 +13,15 @@ from core.errors import DataError, raise_if_any
 from datamodules.collate import MaskingCollator
 from datamodules.corpus import VARIANTS
 from datamodules.loading import (
-    Loaders,
+    Sources,
     TokenizedDataModule,
-    TokenizerSource,
-    bind_ratio,
+    adopt_policy,
     check_mask_token,
-    check_protocol,
     common_config_errors,
 )
 from datamodules.masking import MaskingPolicy, TokenBlock
 from datamodules.packing import pack, tokenize
-from datamodules.policies.standard import NoMask
+from datamodules.policies.standard import NoMask, standard_validation
 from datamodules.recall import RecallConfig, generate, recall_tokenizer
 from datamodules.sources import (
     TEXT_RULES,
@@ -127,37 +124,28 @@ class PretrainingDataModule(TokenizedDataModule):
         seed: int = 0,
         cache_dir: str = ".cache/masklab",
     ) -> None:
-        super().__init__()
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
-        self.policy = masking if masking is not None else NoMask()
-        check_protocol(self.policy, MaskingPolicy, "datamodules.FineTuneDataModule")
-        bind_ratio(self.policy, mask_ratio)
-        self.data_path, self.val_data_path = data_path, val_data_path
-        self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split = (
-            hf_dataset,
-            hf_config,
-            hf_split,
-            hf_val_split,
+        sources = Sources(data_path, val_data_path, hf_dataset, hf_config, hf_split, hf_val_split)
+        super().__init__(
+            sources,
+            tokenizer_path,
+            vocab_size,
+            cache_dir,
+            batch_size,
+            num_workers,
+            pin_memory,
+            seed,
+            (lambda: recall_tokenizer(recall)) if builtin_variant == RECALL else None,
         )
+        policy = masking if masking is not None else NoMask()
+        self.policy = adopt_policy(policy, MaskingPolicy, "datamodules.FineTuneDataModule", mask_ratio)
         self.text_column = text_column
         self.builtin_documents = builtin_documents
         self.builtin_variant = builtin_variant
         self.recall = recall
         self.val_fraction = val_fraction
         self.block_size = block_size
-        self.batch_size = batch_size
         self.val_mask_ratio = val_mask_ratio
-        self.seed = seed
-        self.cache_dir = Path(cache_dir)
-        self.tokenizer_source = TokenizerSource(
-            tokenizer_path,
-            vocab_size,
-            self.cache_dir,
-            lambda: self.source_key,
-            lambda: self._texts("train")["text"],
-            (lambda: recall_tokenizer(recall)) if self.is_recall else None,
-        )
-        self.loaders = Loaders(batch_size, num_workers, pin_memory, seed)
 
     @staticmethod
     def config_errors(**args) -> list[str]:
@@ -183,9 +171,10 @@ class PretrainingDataModule(TokenizedDataModule):
 
     @cached_property
     def source_key(self) -> str:
-        if self.data_path:
-            files = text_files(self.data_path, "data.data_path")
-            val_files = text_files(self.val_data_path, "data.val_data_path") if self.val_data_path else []
+        sources = self.sources
+        if sources.data_path:
+            files = text_files(sources.data_path, "data.data_path")
+            val_files = text_files(sources.val_data_path, "data.val_data_path") if sources.val_data_path else []
             return stable_hash(
                 "files",
                 TEXT_RULES,
@@ -194,26 +183,29 @@ class PretrainingDataModule(TokenizedDataModule):
                 self.val_fraction,
                 self.seed,
             )
-        if self.hf_dataset:
+        if sources.hf_dataset:
             return stable_hash(
-                "hf", TEXT_RULES, self.hf_dataset, self.hf_config, self.hf_split, self.hf_val_split, self.text_column
+                "hf",
+                TEXT_RULES,
+                sources.hf_dataset,
+                sources.hf_config,
+                sources.hf_split,
+                sources.hf_val_split,
+                self.text_column,
             )
         return stable_hash("builtin", self.seed, self.builtin_documents, self.builtin_variant, self.recall)
 
     # ---- text and blocks ---------------------------------------------------------------------
 
     def _texts(self, split: str) -> HFDataset:
-        if self.data_path:
-            if split == "validation" and self.val_data_path:
-                return load_text_files(text_files(self.val_data_path, "data.val_data_path"), "data.val_data_path")
-            dataset = load_text_files(text_files(self.data_path, "data.data_path"), "data.data_path")
-            return self._holdout(dataset, split) if not self.val_data_path else dataset
-        if self.hf_dataset:
-            if split == "validation" and self.hf_val_split:
-                return load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_val_split, self.text_column)
-            dataset = load_hf_dataset(self.hf_dataset, self.hf_config, self.hf_split, self.text_column)
-            return self._holdout(dataset, split) if not self.hf_val_split else dataset
-        return builtin_dataset(self.seed, self._documents(split), split, self.builtin_variant)
+        share = self._documents(split)
+        return self.sources.read(
+            split,
+            files=lambda path, key: load_text_files(text_files(path, key), key),
+            hf=lambda name: load_hf_dataset(self.sources.hf_dataset, self.sources.hf_config, name, self.text_column),
+            builtin=lambda: builtin_dataset(self.seed, share, split, self.builtin_variant),
+            holdout=lambda dataset: self._holdout(dataset, split),
+        )
 
     def _documents(self, split: str) -> int:
         """Built-in documents (recall sequences) of `split`; validation holds out `val_fraction` as many."""
@@ -252,12 +244,14 @@ class PretrainingDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         check_mask_token(self.policy, self.tokenizer, self.vocab)
         self.policy.setup(self.vocab)
+        self.record_files(text_files)
         self.train_blocks = self._blocks("train")
         self.val_batches = self._masked_validation(self._blocks("validation"))
 
     def _masked_validation(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
         """Validation batches are masked once, with a fixed seed, by the policy's validation rule."""
-        policy = self.policy.validation_policy(self.val_mask_ratio)
+        ratio = self.val_mask_ratio
+        policy = self.policy.validation_policy(ratio) or standard_validation(self.policy.objective, ratio)
         ids = torch.from_numpy(np.asarray(blocks, dtype=np.int64))  # [N, L]
         return policy(TokenBlock.from_ids(ids, self.vocab), torch.Generator().manual_seed(self.seed))
 

@@ -13,7 +13,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from core.errors import DataError
 from datamodules.corpus import BuiltinCorpus
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".raw", ".md")
+TEXT_SUFFIXES = (".txt", ".txt.gz")  # what a folder contributes (a file named on its own is read whatever its name)
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # a line break, a line of only whitespace, a line break
 # Bumped when the way raw text becomes documents or tokens changes, so cached tokenizers and blocks are rebuilt.
@@ -25,7 +25,8 @@ def stable_hash(*parts: object) -> str:
 
 
 def text_files(path: str, key: str) -> list[Path]:
-    """A text file, or every text file under a folder (sorted, so the order is reproducible)."""
+    """A text file, or every `.txt` / `.txt.gz` file under a folder (sorted, so the order is reproducible):
+    a folder's README or SOURCE.md is provenance, not corpus text."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"{key}: {path!r} does not exist")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from core.errors import DataError
 from datamodules.masking import Vocab
@@ -83,6 +83,29 @@ def framed_like_training(tokenizer: PreTrainedTokenizerBase, objective: str) -> 
         single=single, pair=pair, special_tokens=[(bos, vocab.bos_id), (eos, vocab.eos_id)]
     )
     return framed
+
+
+def context_length(config: PretrainedConfig) -> int:
+    """The longest input a model's position embeddings allow (RoBERTa numbers positions from
+    pad_token_id + 1, so it has that many fewer)."""
+    if config.model_type == "roberta":
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
+
+
+def exported_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, objective: str, config: PretrainedConfig
+) -> PreTrainedTokenizerBase:
+    """The tokenizer a run exports with its model: framed like training (`framed_like_training`),
+    padded on the left for a decoder (batched `generate` continues each row's last token, which right
+    padding would make a pad) and on the right for an encoder, and limited to the model's real context
+    (`model_max_length`; transformers' default of 1e30 lets an over-long input through to fail inside
+    the model)."""
+    exported = copy.deepcopy(framed_like_training(tokenizer, objective))
+    exported.padding_side = "left" if objective == "causal" else "right"
+    exported.init_kwargs["padding_side"] = exported.padding_side  # what save_pretrained writes
+    exported.model_max_length = context_length(config)
+    return exported
 
 
 def default_to_init_tokenizer(data_args: Any, model_args: Any) -> None:

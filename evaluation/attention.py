@@ -319,6 +319,11 @@ def markdown_table(metrics: dict[str, float]) -> str:
     return "\n".join([*lines, *(f"| {name} | {value:.4f} |" for name, value in metrics.items())])
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes, so a study can check its metric names before training."""
+    return ["masked_score_decay", "variance_increase", *(f"share_{name}" for name in SEGMENTS)]
+
+
 def run(model: LoadedModel, options: Options) -> SuiteResult:
     """Masked-score decay and variance increase on held-out blocks, and the retrieval probe's shares."""
     raise_if_any(option_errors(options, model.context_length))

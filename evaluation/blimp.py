@@ -159,6 +159,15 @@ def plot(metrics: dict[str, float], pairs: list[MinimalPair]):
     return figure
 
 
+# a pair is two sentences: picking one at random is right half of the time
+CHANCE = {"acc": 0.5, "field/<field>": 0.5, "paradigm/<paradigm>": 0.5}
+
+
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes, so a study can check its metric names before training."""
+    return ["acc", "field/<field>", "paradigm/<paradigm>"]
+
+
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     pairs = load_pairs(options)
     scores = sentence_scores(loaded, [p.good for p in pairs] + [p.bad for p in pairs], options.batch_size)

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.entropy_analysis import FORKING_THRESHOLD, forking_stats
 from core.errors import DataError
 from datamodules.masking import TokenBlock
 from datamodules.policies.sentence import rank_from_end
+from evaluation.entropy_summaries import FORKING_THRESHOLD, forking_stats
 from evaluation.heldout import heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
@@ -136,6 +136,12 @@ def position_metrics(scores: dict[str, Tensor], threshold: float) -> dict[str, f
         ):
             metrics[f"{key}_{name}"] = values[at].mean().item() if at.any() else float("nan")
     return metrics
+
+
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (those of `position_metrics`), so a study can check its metric names."""
+    by_position = [f"{key}_{name}" for name in POSITIONS for key in ("acc", "loss", "entropy")]
+    return ["acc", "loss", "mean_entropy", "forking_share", *by_position]
 
 
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:

@@ -449,6 +449,13 @@ def markdown_table(tasks: list[Task], metrics: dict[str, float], seeds: int) -> 
     )
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes, each with its spread over seeds, so a study can check its metric names."""
+    tasks = [TASKS[canonical(name)] for name in options.tasks if canonical(name) in TASKS]
+    names = ["score", *(f"{task.name}/{metric}" for task in tasks for metric in task.metrics)]
+    return [n for name in names for n in (name, f"{name}_std")]
+
+
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     check_options(options, loaded.context_length)
     tasks = list(dict.fromkeys(task_named(name) for name in options.tasks))  # SST-2 and sst2 run once

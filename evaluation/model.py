@@ -19,7 +19,7 @@ from transformers import (
 
 from core.errors import DataError
 from datamodules.masking import Vocab
-from datamodules.tokenizer import vocab_of
+from datamodules.tokenizer import context_length, vocab_of
 
 
 @dataclass
@@ -40,10 +40,7 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         """The longest input the model's position embeddings allow."""
-        config = self.model.config
-        if config.model_type == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
-            return config.max_position_embeddings - config.pad_token_id - 1
-        return config.max_position_embeddings
+        return context_length(self.model.config)
 
     @property
     def device(self) -> torch.device:

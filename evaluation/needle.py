@@ -10,6 +10,7 @@ value's log-probability after the prompt (teacher-forced), which moves before ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import matplotlib
@@ -136,6 +137,15 @@ def heatmap(grid: np.ndarray, lengths: list[int], title: str):
     figure.colorbar(image, ax=axes, label="exact match")
     figure.tight_layout()
     return figure
+
+
+# the value is one of the 9000 four-digit numbers: a uniform guess gives each the log-probability ln(1/9000)
+CHANCE = {"value_logprob": -math.log(9000)}
+
+
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (`<n>`: a prompt length), so a study can check its metric names before training."""
+    return ["acc", "rouge1_recall", "value_logprob", "acc_length_<n>"]
 
 
 def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:

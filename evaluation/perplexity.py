@@ -60,6 +60,11 @@ def masked_nll(loaded: LoadedModel, blocks: torch.Tensor, batch_size: int) -> tu
     return float(-logp.sum()), len(logp)
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes for a model of `objective`: a decoder's perplexity, an encoder's pseudo-perplexity."""
+    return ["ppl" if objective == "causal" else "pseudo_ppl", "nll"]
+
+
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:
     block_size = options.block_size or loaded.block_size or min(128, loaded.context_length)
     if block_size > loaded.context_length:

@@ -10,7 +10,9 @@ move that gold item through every position. Two built-in synthetic tasks follow 
 Files in lost-in-the-middle's jsonl(.gz) format (`ordered_kv_records`/`key`/`value` for kv,
 `question`/`answers`/`ctxs` for multi-document QA, the one-document "oracle" files included) are
 read instead when `data` is given, each file a task, with the gold item moved to each position.
-Examples whose prompt does not fit the model's context are skipped and counted, not refused.
+Examples whose prompt does not fit the model's context are skipped and counted, not refused; without
+`items`, the suite runs the most items at which at least half of the examples fit, else the most at
+which any fits, and says which in its table.
 An answer is correct when it contains a gold answer after normalisation (their metric); every
 prompt's answer is kept in the suite's json. The prompt is put into the run's fine-tuning template when the run
 has one (`data.prompt_template`), else `{prompt}\\nAnswer:`.
@@ -48,7 +50,8 @@ class Options:
         data: lost-in-the-middle .jsonl / .jsonl.gz files (a list, one path, or paths joined by commas), each
             a task; replaces the built-in tasks.
         items: records / documents per prompt (the gold one included); None = the most (at most 10 synthetic
-            ones, at most a file's own count) at which at least half of the examples fit the model's context.
+            ones, at most a file's own count) at which at least half of the examples fit the model's context,
+            else the most at which any fits (the rest are skipped and counted).
         positions: gold positions to test, spread evenly from the first item to the last; None = every position.
         examples: prompts per gold position.
         prompt_template: wraps the prompt; None = the run's data.prompt_template, else "{prompt}\\nAnswer:".
@@ -185,27 +188,37 @@ def prompt_ids(loaded: LoadedModel, template: str, prompt: str) -> list[int]:
 
 def fitted(
     loaded: LoadedModel, examples: list[Example], items: int | None, template: str, new_tokens: int, task: str
-) -> tuple[list[Example], int]:
-    """The examples cut to `items` items (None: the most at which at least half of them fit), less
-    those whose prompt does not fit the context; and how many were skipped."""
+) -> tuple[list[Example], int, str]:
+    """The examples cut to `items` items, less those whose prompt does not fit the context; how many
+    were skipped; and how the item count was chosen. Without `items`: the most at which at least
+    half of the examples fit, else (a file of long documents) the most at which any fits; refused
+    only when none fits even with one item."""
     available = min(len(e.items) for e in examples)
     if items is not None and items > available:
         raise ConfigError(f"retrieval.items={items}: the {task} examples have only {available} items")
     context = loaded.context_length
     fits = lambda e, k: len(prompt_ids(loaded, template, e.truncated(k).prompt(k - 1))) + new_tokens <= context
+    chosen = f"retrieval.items={items}"
     if items is None:
-        items = next((k for k in range(available, 0, -1) if 2 * sum(fits(e, k) for e in examples) >= len(examples)), 0)
+        counts = {k: sum(fits(e, k) for e in examples) for k in range(available, 0, -1)}
+        half = next((k for k, n in counts.items() if 2 * n >= len(examples)), None)
+        items = half or next((k for k, n in counts.items() if n), 0)
         if items == 0:
             raise DataError(
                 f"retrieval: no {task} example fits the model's context of {context} tokens, even with 1 item"
             )
+        chosen = (
+            f"{items} items: the most at which at least half of the examples fit"
+            if half
+            else f"{items} items: the most at which any example fits ({counts[items]} of {len(examples)})"
+        )
     kept = [e.truncated(items) for e in examples if fits(e, items)]
     if not kept:
         raise ConfigError(
             f"retrieval.items={items}: no {task} prompt of {items} items fits the model's context of {context} tokens;"
             " lower retrieval.items"
         )
-    return kept, len(examples) - len(kept)
+    return kept, len(examples) - len(kept), chosen
 
 
 def file_tasks(data: str | list[str], examples: int) -> dict[str, list[Example]]:
@@ -218,6 +231,16 @@ def file_tasks(data: str | list[str], examples: int) -> dict[str, list[Example]]
     if len(set(names)) < len(names):
         raise ConfigError(f"retrieval.data: two files share a name ({', '.join(names)}); each file's name is its task")
     return {name: read[file] for name, file in zip(names, files)}
+
+
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (`<p>`: a gold position), so a study can check its metric names before training."""
+    if options.data:
+        files = as_names(options.data)
+        tasks = [f"litm_{kind}" for kind in TASKS] if len(files) == 1 else [Path(f).name.split(".")[0] for f in files]
+    else:
+        tasks = options.tasks or list(TASKS)
+    return ["acc", *(name for task in tasks for name in (f"{task}/acc", f"{task}/acc_position_<p>"))]
 
 
 def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None) -> SuiteResult:
@@ -249,7 +272,7 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
             )
             + 1
         )
-        examples, skipped = fitted(loaded, examples, options.items, template, new_tokens, task)
+        examples, skipped, chosen = fitted(loaded, examples, options.items, template, new_tokens, task)
         items = len(examples[0].items)
         positions = gold_positions(items, options.positions)
         asked = [(p, e) for p in positions for e in examples]  # position-major
@@ -262,6 +285,7 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
             "positions": [p + 1 for p in positions],
             "examples_per_position": len(examples),
             "skipped_too_long": skipped,
+            "items_chosen": chosen,
             "accuracy": accuracy[task],
             "answers": [
                 {"position": p + 1, "question": e.question, "gold": e.answers, "answer": a, "correct": hit}
@@ -277,6 +301,12 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
             f"| {t} | {d['items']} | {d['examples_per_position']} ({d['skipped_too_long']}) | "
             + ", ".join(f"{p}: {a:.2f}" for p, a in zip(d["positions"], d["accuracy"]))
             + f" | {metrics[f'{t}/acc']:.2f} |"
+            for t, d in details.items()
+        ]
+        + [""]
+        + [
+            f"{t}: {d['items_chosen']}; {d['skipped_too_long']} of {d['examples_per_position'] + d['skipped_too_long']}"
+            " examples skipped (too long for the context)"
             for t, d in details.items()
         ]
     )

@@ -26,6 +26,7 @@ reference.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -213,6 +214,14 @@ def partner(loaded: LoadedModel, options: Options) -> LoadedModel | None:
         )
     ntp.model.to(loaded.device)
     return ntp
+
+
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (an encoder: none, the suite refuses it), from `metrics_of` itself so the
+    two cannot drift apart; a study checks its metric names with them before training."""
+    if objective != "causal":
+        return []
+    return list(metrics_of(defaultdict(float), defaultdict(float) if options.ntp else None, options.top_k))
 
 
 def run(loaded: LoadedModel, options: Options) -> SuiteResult:

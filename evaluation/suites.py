@@ -113,6 +113,31 @@ def data_tag(name: str, options: Any) -> str | None:
     return "+".join(names)
 
 
+PLACEHOLDER = re.compile(r"<[^<>/]+>")  # a part of a metric name that depends on the data: `acc_position_<p>`
+
+
+def metric_names(name: str, options: Any, objective: str) -> list[str]:
+    """The metric names (relative to the group) that suite `name` writes with `options` for a model of
+    `objective` ("causal" or "mlm"), `<x>` standing for a part that depends on the data."""
+    return suite_module(name).metric_names(options, objective)
+
+
+def name_matches(template: str, name: str) -> bool:
+    """Whether `name` is one that `template` (from `metric_names`) stands for."""
+    return re.fullmatch(PLACEHOLDER.sub("[^/]+", re.escape(template)), name) is not None
+
+
+def chance_level(metric: str) -> float | None:
+    """The score of guessing at random, for an `eval/<group>/<name>` metric whose suite knows it
+    (`CHANCE` in its module: BLiMP's 0.5, the needle value's ln(1/9000)); None elsewhere."""
+    group, _, name = metric.removeprefix("eval/").partition("/")
+    suite = group.partition("@")[0]
+    if not metric.startswith("eval/") or suite not in SUITES:
+        return None
+    chance = getattr(suite_module(suite), "CHANCE", {})
+    return next((level for template, level in chance.items() if name_matches(template, name)), None)
+
+
 def group_name(name: str, options: Any) -> str:
     tag = data_tag(name, options)
     return f"{name}@{tag}" if tag else name

@@ -27,9 +27,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from callbacks.entropy_analysis import FORKING_THRESHOLD, by_position, forking_stats
 from core.errors import MasklabError
 from evaluation.entropy import score_tokens
+from evaluation.entropy_summaries import FORKING_THRESHOLD, by_position, forking_stats
 from evaluation.heldout import add_text_arguments, heldout_blocks, heldout_texts
 from evaluation.model import LoadedModel, load_model
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -33,7 +34,7 @@ import yaml
 
 from core.errors import ConfigError, MasklabError
 from evaluation.suites import suite_module
-from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study, resolve_references
+from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study, metric_name_errors, resolve_references
 
 OUTCOME = "outcome.json"  # written into <study>/runs/<arm>/seed_<S>/ when the run is over, ok or failed
 TRAINED = "trained.json"  # written there when its training process ended well, with the model exported
@@ -94,6 +95,12 @@ def resolved_config(study: Study, arm: Arm) -> dict:
         reason = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else f"exit {code}")
         raise ConfigError(f"{study.file}: arms.{arm.name}: {reason.split('error:', 1)[-1].strip()}")
     return yaml.safe_load(out.getvalue())
+
+
+def objective_of(config: dict) -> str:
+    """ "causal" or "mlm": the objective of the LightningModule a resolved run config trains."""
+    module, _, name = config["model"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name).objective
 
 
 def tokens_per_step(config: dict) -> int:
@@ -180,6 +187,9 @@ def plan(study: Study, matmul_flops: float) -> dict[str, ArmPlan]:
         else:
             seconds = estimate_seconds(config, tokens, matmul_flops)
         plans[arm.name] = ArmPlan(per_step, max_steps, tokens, seconds, config)
+    objectives = {name: (objective_of(plans[name].config),) for name in study.compared}
+    if errors := metric_name_errors(study, objectives):  # now that each arm's model is known
+        raise ConfigError([f"{study.file}: {e}" for e in errors])
     totals = {name: sum(plans[a].tokens for a in study.chain(name)) for name in study.compared}
     if len(set(totals.values())) > 1 and not study.allow_unequal_budgets:
         listed = ", ".join(f"{name}={tokens:,}" for name, tokens in totals.items())

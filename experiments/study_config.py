@@ -20,8 +20,9 @@ from jsonargparse import ArgumentParser
 
 from callbacks.peak_flops import gpu_peak
 from core.errors import ConfigError
-from evaluation.suites import SUITES, group_name, parse_suites
+from evaluation.suites import SUITES, group_name, metric_names, name_matches, parse_suites
 from experiments.evaluate import build_parser
+from lightning_modules.base import VALIDATION_METRICS
 
 TOP_KEYS = {
     "name",
@@ -40,6 +41,7 @@ TOP_KEYS = {
 ARM_KEYS = {"config", "args", "init_from", "budget_tokens", "compare", "evaluate_args"}
 DIRECTIONS = ("higher", "lower")
 DEFAULT_SIZE = "cpu"
+OBJECTIVES = ("causal", "mlm")  # a decoder's and an encoder's: what an arm may train before its config is resolved
 REFERENCE = re.compile(r"\$\{([^${}]*)\}")  # ${ARM} in an arm's args: ARM's run directory of the same seed
 
 
@@ -174,35 +176,37 @@ def evaluate_parser() -> ArgumentParser:
     return parser
 
 
-def evaluated_groups(suites: tuple[str, ...], tokens: tuple[str, ...]) -> set[str]:
+def evaluated_groups(suites: tuple[str, ...], tokens: tuple[str, ...]) -> dict[str, tuple[str, Any]]:
     """The result groups (`ppl`, `ppl@valid`, ...) that `experiments.evaluate --suites suites
-    *tokens` writes, found by its own parser and `group_name`; ArgumentError or ConfigError when it
-    would refuse the tokens. `${ARM}` stands for a run dir, unknown here: the arm's name takes its place."""
+    *tokens` writes, each with its suite and options, found by its own parser and `group_name`;
+    ArgumentError or ConfigError when it would refuse the tokens. `${ARM}` stands for a run dir,
+    unknown here: the arm's name takes its place."""
     tokens = tuple(resolve_references(tokens, {name: name for name in references(tokens)}))
     parser = evaluate_parser()
     config = parser.parse_args(["--run", ".", "--suites", ",".join(suites), *tokens])
     options = parser.instantiate(config)
-    return {group_name(name, options[name]) for name in parse_suites(config.suites)}
+    return {group_name(name, options[name]): (name, options[name]) for name in parse_suites(config.suites)}
 
 
-def arm_groups(
+def arm_evaluations(
     suites: tuple[str, ...], eval_args: tuple[str, ...], arms: dict[str, Arm], errors: list[str]
-) -> set[str]:
-    """Every result group that some compared arm's evaluation writes (the study's evaluate args,
-    then the arm's evaluate_args, as `experiments.study` passes them); a refused token is an error."""
-    where = {(): "evaluate.args"} | {
-        arm.evaluate_args: f"arms.{arm.name}.evaluate_args"
-        for arm in arms.values()
-        if arm.compare and arm.evaluate_args
-    }
-    groups: set[str] = set()
-    for arm_args, key in where.items():  # arms without evaluate_args share the study's parse
-        try:
-            groups |= evaluated_groups(suites, (*eval_args, *arm_args))
-        except (ArgumentError, ConfigError) as err:
-            errors.append(f"{key}: experiments.evaluate refuses them: {' '.join(str(err).split())}")
-            return set()
-    return groups
+) -> dict[str, dict[str, tuple[str, Any]]]:
+    """Per compared arm, the result groups its evaluation writes (the study's evaluate args, then the
+    arm's evaluate_args, as `experiments.study` passes them); a refused token is an error."""
+    parsed: dict[tuple[str, ...], dict[str, tuple[str, Any]]] = {}
+    out = {}
+    for arm in arms.values():
+        if not arm.compare:
+            continue
+        if arm.evaluate_args not in parsed:  # arms without evaluate_args share the study's parse
+            key = f"arms.{arm.name}.evaluate_args" if arm.evaluate_args else "evaluate.args"
+            try:
+                parsed[arm.evaluate_args] = evaluated_groups(suites, (*eval_args, *arm.evaluate_args))
+            except (ArgumentError, ConfigError) as err:
+                errors.append(f"{key}: experiments.evaluate refuses them: {' '.join(str(err).split())}")
+                return {}
+        out[arm.name] = parsed[arm.evaluate_args]
+    return out
 
 
 def group_error(metric: str, groups: set[str], size: str) -> str | None:
@@ -220,6 +224,53 @@ def group_error(metric: str, groups: set[str], size: str) -> str | None:
         f"metrics.{metric}: the {suite} suite writes {' and '.join(f'eval/{g}/...' for g in written)} "
         f"with these evaluate args (size {size}), not eval/{group}/...: did you mean eval/{closest}/{name}?"
     )
+
+
+def name_error(
+    metric: str, evaluations: dict[str, dict[str, tuple[str, Any]]], objectives: Mapping[str, tuple[str, ...]]
+) -> str | None:
+    """Why no compared arm's run writes `metric` under its group, or None: each suite (and the final
+    validation) says which names it writes for a model of each objective ("causal", "mlm"), so a
+    misspelt name (`eval/needle/accc`, `val/pplx`) is refused before anything trains, naming the closest."""
+    if metric.startswith("val/"):
+        written = {f"val/{name}" for name in VALIDATION_METRICS}
+        what = "a run's final validation writes"
+    else:
+        group = metric.removeprefix("eval/").partition("/")[0]
+        written = {
+            f"eval/{group}/{template}"
+            for arm, groups in evaluations.items()
+            if group in groups
+            for objective in objectives[arm]
+            for template in metric_names(*groups[group], objective)
+        }
+        what = f"the {group.partition('@')[0]} suite writes"
+    if any(name_matches(template, metric) for template in written):
+        return None
+    models = sorted({objective for arm in evaluations for objective in objectives[arm]})
+    listed = ", ".join(sorted(written)) or "nothing"
+    hint = f": did you mean {closest_name(metric, written)}?" if written else ""
+    return f"metrics.{metric}: no run writes it ({what} {listed} for these arms' {'/'.join(models)} models){hint}"
+
+
+def closest_name(metric: str, written: set[str]) -> str:
+    """The written name nearest `metric`, preferring one whose last part holds or is held in `metric`'s
+    (`val/pplx` -> `val/ppl`, `eval/ppl/ppl` -> `eval/ppl/pseudo_ppl`, not the nearer spelling `eval/ppl/nll`)."""
+    last = metric.rpartition("/")[2]
+    related = [w for w in sorted(written) if last in (name := w.rpartition("/")[2]) or name in last]
+    return difflib.get_close_matches(metric, related or sorted(written), n=1, cutoff=0)[0]
+
+
+def metric_name_errors(study: Study, objectives: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Every study metric that no compared arm's run writes, given each arm's possible objectives
+    (both before its config is resolved; its model's own after)."""
+    errors: list[str] = []
+    evaluations = arm_evaluations(study.suites, study.eval_args, study.arms, errors) if study.suites else {}
+    return errors + [
+        error
+        for metric in study.metrics
+        if not metric_error(metric, study.suites) and (error := name_error(metric, evaluations, objectives))
+    ]
 
 
 def read_arms(raw: Any, errors: list[str]) -> dict[str, Arm]:
@@ -290,9 +341,8 @@ def resolve_size(raw: dict, size: str, file: str) -> dict:
     if size == DEFAULT_SIZE and size not in sizes:
         return raw
     if size not in sizes:
-        raise ConfigError(
-            f"{file}: --size {size!r} is not a size of this study (sizes: {DEFAULT_SIZE}, {', '.join(sizes)})"
-        )
+        known = ", ".join(dict.fromkeys([DEFAULT_SIZE, *sizes]))  # each once, when the file has a cpu size too
+        raise ConfigError(f"{file}: --size {size!r} is not a size of this study (sizes: {known})")
     overrides = sizes[size] or {}
     if not isinstance(overrides, dict) or set(overrides) - (TOP_KEYS - {"name", "sizes"}):
         raise ConfigError(f"{file}: sizes.{size} must be a mapping of top-level keys other than name and sizes")
@@ -378,10 +428,13 @@ def load_study(path: str, size: str = DEFAULT_SIZE, seeds: int | None = None) ->
             f"evaluate.args: ${{{shared[0]}}}: an arm's run can be referred to in an arm's evaluate_args only "
             f"(evaluate.args reach every arm, {shared[0]!r} too)"
         )
-    if study.suites and (groups := arm_groups(study.suites, study.eval_args, arms, errors)):
+    if study.suites and (evaluations := arm_evaluations(study.suites, study.eval_args, arms, errors)):
+        groups = {group for written in evaluations.values() for group in written}
         for metric in study.metrics:
             if not metric_error(metric, study.suites) and (error := group_error(metric, groups, size)):
                 errors.append(error)
+    if not errors:
+        errors += metric_name_errors(study, {arm: OBJECTIVES for arm in study.compared})
     if errors:
         raise ConfigError([f"{path}: {e}" for e in errors])
     return study

@@ -8,6 +8,7 @@ Everything is read back from the runs' own files (`metrics.json`, TensorBoard ev
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import re
@@ -25,7 +26,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from experiments.stats import Estimate, estimate, paired_differences, verdict
+from datamodules.masking import MaskingPolicy
+from evaluation.suites import chance_level
+from experiments.stats import Estimate, adjusted_verdict, estimate, holm, p_value, paired_differences, verdict
 from experiments.study_config import Study
 
 POSITION_KEY = re.compile(r"^eval/retrieval(@[^/]+)?/(?P<task>.+)/acc_position_(?P<position>\d+)$")
@@ -96,12 +99,38 @@ def interval(e: Estimate, signed: bool = False) -> str:
     return mean if e.n < 2 else f"{mean} [{e.low:{sign}.4g}, {e.high:{sign}.4g}]"
 
 
-def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
+def differences(study: Study, results: list[RunResult]) -> dict[tuple[str, str], Estimate]:
+    """Every comparison the study makes: (metric, arm) -> the paired difference arm - baseline."""
+    return {
+        (metric, arm): estimate(
+            list(paired_differences(by_seed(results, arm, metric), by_seed(results, study.baseline, metric)).values())
+        )
+        for metric in study.metrics
+        for arm in study.compared
+        if arm != study.baseline
+    }
+
+
+def holm_adjusted(compared: dict[tuple[str, str], Estimate]) -> dict[tuple[str, str], float]:
+    """Each comparison's p-value, Holm-adjusted over all the study's comparisons."""
+    return dict(zip(compared, holm([p_value(d) for d in compared.values()])))
+
+
+def metric_table(
+    study: Study,
+    results: list[RunResult],
+    metric: str,
+    compared: dict[tuple[str, str], Estimate],
+    adjusted: dict[tuple[str, str], float],
+) -> str:
+    """Each arm's mean and interval, its paired difference to the baseline with the verdict, and the
+    verdict Holm-adjusted over the study's comparisons (`adjusted`: their adjusted p-values)."""
     higher = study.metrics[metric] == "higher"
-    base = by_seed(results, study.baseline, metric)
+    family = sum(not math.isnan(p) for p in adjusted.values())
     rows = [
-        f"| arm | n | mean ± 95% CI | 95% CI | paired difference to {study.baseline} [95% CI] | pairs | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| arm | n | mean ± 95% CI | 95% CI | paired difference to {study.baseline} [95% CI] | pairs | verdict "
+        "| Holm-adjusted p | adjusted verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for arm in study.compared:
         values = by_seed(results, arm, metric)
@@ -109,10 +138,13 @@ def metric_table(study: Study, results: list[RunResult], metric: str) -> str:
         spread = "–" if e.n == 0 else fmt(e.mean) if e.n < 2 else f"{e.mean:.4g} ± {e.half_width:.3g}"
         ci = "–" if e.n < 2 else f"[{e.low:.4g}, {e.high:.4g}]"
         if arm == study.baseline:
-            rows.append(f"| {arm} (baseline) | {e.n} | {spread} | {ci} | – | – | – |")
+            rows.append(f"| {arm} (baseline) | {e.n} | {spread} | {ci} | – | – | – | – | – |")
             continue
-        d = estimate(list(paired_differences(values, base).values()))
-        rows.append(f"| {arm} | {e.n} | {spread} | {ci} | {interval(d, signed=True)} | {d.n} | {verdict(d, higher)} |")
+        d, p = compared[metric, arm], adjusted[metric, arm]
+        rows.append(
+            f"| {arm} | {e.n} | {spread} | {ci} | {interval(d, signed=True)} | {d.n} | {verdict(d, higher)} "
+            f"| {fmt(p) if math.isnan(p) or p >= 0.001 else '<0.001'} | {adjusted_verdict(d, p, higher, family)} |"
+        )
     return "\n".join(rows)
 
 
@@ -136,6 +168,9 @@ def cost_table(study: Study, results: list[RunResult]) -> str:
 
 def report_text(study: Study, results: list[RunResult], plots: list[Path], command: str) -> str:
     failed = [r for r in results if r.status != "ok"]
+    compared = differences(study, results)
+    adjusted = holm_adjusted(compared)
+    family = sum(not math.isnan(p) for p in adjusted.values())
     lines = [
         f"# Study: {study.name}",
         "",
@@ -149,9 +184,15 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
         'baseline per seed, over the seeds both finished. The verdict is "better" or "worse" when the '
         'difference\'s interval excludes 0, else "no difference detected at n=<pairs>".',
         "",
+        f"This study makes {family} comparisons (metrics x arms against the baseline), so some of those verdicts "
+        "are expected by chance at 95% each. The adjusted verdict is Holm's over all of them (paired t-test "
+        "p-values, multiplied step-down so that the chance of any false call in the study stays at 5%): a "
+        "claim should rest on it.",
+        "",
     ]
     for metric, direction in study.metrics.items():
-        lines += [f"## {metric} ({direction} is better)", "", metric_table(study, results, metric), ""]
+        table = metric_table(study, results, metric, compared, adjusted)
+        lines += [f"## {metric} ({direction} is better)", "", table, ""]
         values = {v for arm in study.compared for v in by_seed(results, arm, metric).values()}
         if not values:
             lines += [f"No run wrote {metric!r} to its metrics.json.", ""]
@@ -178,36 +219,130 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def loss_targets(run_dir: Path | None) -> tuple[str | None, bool]:
+    """What a run's `train/loss` is computed on when other policies share it (its policy's
+    `loss_targets`, None: a choice of its own), and whether its `val/loss` is on a task of its own
+    (`validation_policy`) rather than its objective's shared validation. A run without a config
+    (hand-made in tests) counts as shared."""
+    config = run_dir / "config.yaml" if run_dir else None
+    if config is None or not config.is_file():
+        return "unknown", False
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("init_args", {})
+    masking = data.get("masking") or {"class_path": "datamodules.policies.standard.NoMask"}
+    module, _, name = masking["class_path"].rpartition(".")
+    policy = getattr(importlib.import_module(module), name)(**(masking.get("init_args") or {}))
+    ratio = data.get("val_mask_ratio", 0.15)
+    return policy.loss_targets, isinstance(policy, MaskingPolicy) and policy.validation_policy(ratio) is not None
+
+
+def curve_panels(study: Study, results: list[RunResult]) -> list[tuple[str, list[str], str]]:
+    """(tag, arms, title) per panel: one loss drawn on one axis only for arms whose losses are on the
+    same targets. `train/loss` of a policy that chooses its own targets (MLM, second-to-last, MEAP-SFT)
+    compares with no other arm's, so it gets a panel of its own; so does a `val/loss` on an arm's own task."""
+    kinds = {r.arm: loss_targets(r.run_dir) for r in results if r.status == "ok"}
+    panels = []
+    for tag, key in (("val/loss", lambda arm: "shared" if not kinds[arm][1] else arm), ("train/loss", None)):
+        groups: dict[str, list[str]] = {}
+        for arm in (a for a in study.compared if a in kinds):
+            shared = key(arm) if key else kinds[arm][0] or arm
+            groups.setdefault(shared, []).append(arm)
+        for shared, arms in groups.items():
+            if len(groups) == 1:
+                title = f"{tag}: same targets for every arm"
+            elif shared in arms:
+                title = f"{tag} of {arms[0]}: on its own targets, not comparable with other panels"
+            else:
+                title = f"{tag} on {shared}: comparable within this panel only"
+            panels.append((tag, arms, title))
+    return panels
+
+
+def reference_line(ax: Any, level: float, label: str) -> None:
+    """A dashed line at `level` (chance, the unigram predictor), labelled at its right end."""
+    ax.axhline(level, color="grey", linestyle="--", linewidth=1)
+    ax.annotate(  # outside the axes, right of the line's end: it covers no data
+        label.replace(" (", "\n("), (1.01, level), xycoords=("axes fraction", "data"), va="center", fontsize=7
+    )
+
+
+def unigram_level(results: list[RunResult], arms: list[str], metric: str) -> float | None:
+    """The unigram predictor's score on the validation targets (`val/unigram_*`, logged by runs since
+    issue 21), averaged over the arms' runs; None when their runs did not log it."""
+    name = {"val/loss": "val/unigram_loss", "val/ppl": "val/unigram_ppl", "val/acc": "val/unigram_acc"}.get(metric)
+    values = [r.metrics[name] for r in results if r.arm in arms and r.status == "ok" and name in r.metrics]
+    return float(np.mean(values)) if values else None
+
+
 def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dict[str, int]):
     """train/loss and val/loss against tokens: the mean over seeds, and the band from the lowest to
-    the highest seed, per arm; None when no run has logged them."""
+    the highest seed, per arm; losses on different targets in different panels; the unigram
+    predictor's validation loss as a line where the runs logged it. None when no run logged a loss."""
     runs = {r.run_dir: scalars(r.run_dir) for r in results if r.status == "ok" and r.run_dir}
     if not any(tag in run for run in runs.values() for tag in CURVES):
         return None
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
-    for ax, tag in zip(axes, CURVES):
-        for i, arm in enumerate(study.compared):
+    panels = curve_panels(study, results)
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(6 * columns, 4.2 * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    handles = {}
+    for ax, (tag, arms, title) in zip(axes.flat, panels):
+        for arm in arms:
+            colour = f"C{study.compared.index(arm)}"
             curves = [runs[r.run_dir].get(tag, {}) for r in results if r.arm == arm and r.run_dir in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
             if not steps:
                 continue
             values = np.array([[c[s] for s in steps] for c in curves])  # [seeds, steps]
             x = np.array(steps) * tokens_per_step[arm]
-            colour = f"C{i}"
-            ax.plot(x, values.mean(0), color=colour, label=f"{arm} (n={len(curves)})")
+            (handles[arm],) = ax.plot(x, values.mean(0), color=colour, label=f"{arm} (n={len(curves)})")
             ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.2)
+        if tag == "val/loss" and (level := unigram_level(results, arms, tag)) is not None:
+            reference_line(ax, level, f"unigram predictor ({level:.3g})")
         ax.set_xlabel("tokens trained")
         ax.set_ylabel(tag)
-        ax.set_title(f"{tag}: mean over seeds, band = lowest to highest seed")
+        ax.set_title(f"{title}\nmean over seeds, band = lowest to highest seed", fontsize=9)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    figure.tight_layout()
+    if handles:  # below the panels, where it covers no curve
+        figure.legend(handles.values(), [h.get_label() for h in handles.values()], loc="outside lower center", ncols=4)
     return figure
 
 
+PERPLEXITY = re.compile(r"(^|_)ppl$")  # val/ppl, eval/ppl/pseudo_ppl: spans orders of magnitude, drawn on a log axis
+# a proportion (not a gain, the difference of two): its interval lies in [0, 1]
+UNIT_INTERVAL = re.compile(r"^(?!.*_gain$).*(^|_)(acc|accuracy|share|recall|f1)(_|$)")
+
+
+def whiskers(metric: str, e: Estimate) -> tuple[float, float]:
+    """The 95% interval as drawn: clipped to the values the metric can take (a proportion to [0, 1],
+    a perplexity to >= 1), since a t interval over 3 seeds can reach past them."""
+    name = metric.rpartition("/")[2]
+    low, high = e.low, e.high
+    if UNIT_INTERVAL.search(name):
+        low, high = max(low, 0.0), min(high, 1.0)
+    if PERPLEXITY.search(name):
+        low = max(low, 1.0)
+    return low, high
+
+
+def reference_level(results: list[RunResult], arms: list[str], metric: str) -> tuple[float, str] | None:
+    """The level at which a metric says nothing was learnt, where it is known: the unigram predictor's
+    for the final validation (when every run validates on its objective's shared task, so one level fits
+    all), chance for a suite that knows it."""
+    shared = not any(loss_targets(r.run_dir)[1] for r in results if r.arm in arms and r.status == "ok")
+    if shared and (level := unigram_level(results, arms, metric)) is not None:
+        return level, f"unigram predictor ({level:.3g})"
+    if (level := chance_level(metric)) is not None:
+        return level, f"chance ({level:.3g})"
+    return None
+
+
 def metric_bars(study: Study, results: list[RunResult]):
-    """One panel per metric: each arm's mean with its 95% CI whiskers, and the seeds as dots."""
+    """One panel per metric: each arm's mean with its 95% CI whiskers (clipped to the metric's range),
+    and the seeds as dots; perplexities on a log axis; the chance or unigram level as a line."""
     metrics = list(study.metrics)
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
@@ -215,22 +350,31 @@ def metric_bars(study: Study, results: list[RunResult]):
     figure, axes = plt.subplots(rows, columns, figsize=(width * columns, 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
-    axes = axes.flat
     arms = study.compared
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes.flat, metrics):
+        log = bool(PERPLEXITY.search(metric.rpartition("/")[2]))
+        clipped = False
         for i, arm in enumerate(arms):
             values = list(by_seed(results, arm, metric).values())
             e = estimate(values)
             if e.n == 0:
                 continue
-            error = [[e.mean - e.low], [e.high - e.mean]] if e.n > 1 else None
-            ax.bar(i, e.mean, color=f"C{i}", alpha=0.6, yerr=error, capsize=6)
+            low, high = whiskers(metric, e) if e.n > 1 else (e.mean, e.mean)
+            clipped |= e.n > 1 and (low, high) != (e.low, e.high)
+            error = [[max(e.mean - low, 0)], [max(high - e.mean, 0)]]
+            ax.errorbar(i, e.mean, yerr=error, fmt="_", markersize=22, capsize=8, color=f"C{i}", linewidth=2)
             ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        if (level := reference_level(results, arms, metric)) is not None:
+            reference_line(ax, *level)
+        if log:
+            ax.set_yscale("log")
         ax.set_xticks(
             range(len(arms)), arms, rotation=20 if len(arms) > 3 else 0, ha="right" if len(arms) > 3 else "center"
         )
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} ({study.metrics[metric]} is better)\nmean, 95% CI, dots = seeds", fontsize=10)
+        ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.set_ylabel(metric + (" (log scale)" if log else ""))
+        note = " (clipped to the metric's range)" if clipped else ""
+        ax.set_title(f"{metric} ({study.metrics[metric]} is better)\nmean, 95% CI{note}, dots = seeds", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
@@ -266,10 +410,11 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
                 for p in positions
             ]
             means = np.array([e.mean for e in estimates])
+            drawn = [whiskers("acc", e) if e.n > 1 else (e.mean, e.mean) for e in estimates]  # within [0, 1]
             errors = np.array(
                 [
-                    [e.mean - e.low if e.n > 1 else 0 for e in estimates],
-                    [e.high - e.mean if e.n > 1 else 0 for e in estimates],
+                    [e.mean - low for e, (low, _) in zip(estimates, drawn)],
+                    [high - e.mean for e, (_, high) in zip(estimates, drawn)],
                 ]
             )
             offset = (i - (len(study.compared) - 1) / 2) * 0.06 * spacing  # arms side by side at each position
@@ -283,7 +428,7 @@ def retrieval_by_position(study: Study, results: list[RunResult]):
         ax.set_ylabel("accuracy")
         ax.set_title(f"retrieval ({task}) by gold position: mean, 95% CI over seeds")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the axes: it covers no curve
     figure.tight_layout()
     return figure
 

@@ -9,12 +9,37 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from core.batch import IGNORE_INDEX
 from core.errors import ConfigError, raise_if_any
 from lightning_modules.flops import flop_counts
+
+# what a run's final validation writes to metrics.json as val/<name> (a study checks its metric names with it);
+# unigram_*: the unigram predictor's scores on the same targets, the plateau a model starts from
+VALIDATION_METRICS = ("loss", "ppl", "acc", "unigram_acc", "unigram_loss", "unigram_ppl")
+
+
+class TargetCounts(Metric):
+    """How often each token is a validation target (summed over processes): the unigram predictor's
+    accuracy (the most frequent target's share) and loss (the targets' entropy), so that a plot can
+    mark the level a model sits at before it learns anything beyond token frequencies."""
+
+    full_state_update = False
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(vocab_size, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, targets: Tensor) -> None:
+        self.counts += torch.bincount(targets, minlength=self.counts.numel())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        shares = self.counts[self.counts > 0].double() / self.counts.sum().clamp_min(1)
+        if not shares.numel():  # no target at all: NaN, as the loss is
+            return torch.tensor(float("nan")), torch.tensor(float("nan"))
+        return shares.max().float(), (-(shares * shares.log()).sum()).float()
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,7 @@ class LanguageModelModule(L.LightningModule):
         # half-NaN validation would read as finite and slip past the non-finite check.
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.val_acc = MeanMetric(nan_strategy="disable")
+        self.val_targets = TargetCounts(vocab["vocab_size"])
 
     @classmethod
     def build_config(cls, vocab: dict, **model_args) -> PretrainedConfig:
@@ -248,6 +274,7 @@ class LanguageModelModule(L.LightningModule):
         else:
             getattr(self, f"{stage}_loss").update(loss, weight=count)
             getattr(self, f"{stage}_acc").update(accuracy, weight=count)
+            getattr(self, f"{stage}_targets").update(stats.labels[stats.labels != IGNORE_INDEX])
         return {"loss": loss, "token_stats": stats}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | TokenStats]:
@@ -271,13 +298,23 @@ class LanguageModelModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
+        unigram_acc, unigram_loss = self.val_targets.compute()
+        values = {
+            "loss": loss,
+            "ppl": torch.exp(loss),
+            "acc": self.val_acc.compute(),
+            "unigram_acc": unigram_acc,
+            "unigram_loss": unigram_loss,
+            "unigram_ppl": torch.exp(unigram_loss),
+        }
         self.log_dict(
-            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()},
+            {f"val/{name}": values[name] for name in VALIDATION_METRICS},
             prog_bar=True,
             sync_dist=True,  # already synced by torchmetrics; this only tells Lightning so
         )
         self.val_loss.reset()
         self.val_acc.reset()
+        self.val_targets.reset()
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices only (biases, norms and embeddings get none)."""

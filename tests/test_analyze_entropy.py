@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.entropy_analysis import FORKING_THRESHOLD
 from evaluation import entropy
 from evaluation.entropy import position_metrics, score_tokens
+from evaluation.entropy_summaries import FORKING_THRESHOLD
 from evaluation.model import LoadedModel, load_model
 from experiments.analyze_entropy import main
 from experiments.run import main as run_main

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from callbacks.entropy_analysis import by_position, forking_stats
+from evaluation.entropy_summaries import by_position, forking_stats
 from experiments.run import main as run_main
 from tests.test_run import scalars
 

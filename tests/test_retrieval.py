@@ -157,6 +157,24 @@ def test_examples_too_long_for_the_context_are_skipped_and_counted(tmp_path, cau
         retrieval.run(causal, retrieval.Options(data=str(write_jsonl(tmp_path / "one.jsonl", [too_long]))))
 
 
+def test_a_file_whose_examples_mostly_do_not_fit_runs_the_ones_that_do(tmp_path, causal):
+    """Issue 21.12: lost-in-the-middle's nq-open-oracle file has 416 of 2,655 examples that fit a 256-token
+    context; without `items` the suite refused it ("no example fits ..."). It now runs the most items at
+    which any example fits, skips and counts the rest, and says so."""
+    fits = qa_record("q?", "Ann", ["Ann wrote it."], 0)
+    too_long = [qa_record(f"q{i}?", "Ann", ["word " * 400], 0) for i in range(3)]  # 3 of 4: fewer than half fit
+    path = write_jsonl(tmp_path / "nq-open-oracle.jsonl", [too_long[0], fits, *too_long[1:]])
+    result = retrieval.run(causal, retrieval.Options(data=str(path)), answerer=lambda p, n: ["Ann"] * len(p))
+    details = result.details["litm_qa"]
+    assert (details["items"], details["examples_per_position"], details["skipped_too_long"]) == (1, 1, 3)
+    assert details["items_chosen"] == "1 items: the most at which any example fits (1 of 4)"
+    assert "litm_qa: 1 items: the most at which any example fits (1 of 4); 3 of 4 examples skipped" in result.table
+    assert result.metrics["acc"] == 1.0
+    half = write_jsonl(tmp_path / "half.jsonl", [fits, too_long[0]])  # half fit: the first rule
+    chosen = retrieval.run(causal, retrieval.Options(data=str(half)), answerer=lambda p, n: ["Ann"] * len(p))
+    assert chosen.details["litm_qa"]["items_chosen"] == "1 items: the most at which at least half of the examples fit"
+
+
 def test_several_files_are_tasks_named_by_file(tmp_path, causal):
     first = write_jsonl(tmp_path / "gold_at_0.jsonl", [qa_record("q?", "Ann", ["Ann wrote it.", "Bob read."], 0)])
     second = tmp_path / "gold_at_1.jsonl.gz"

@@ -1,8 +1,10 @@
 """End to end through the entry point, as a user runs it."""
 
+import gzip
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -79,6 +81,16 @@ def test_each_objective_end_to_end(config, auto_class, tiny_args, tmp_path):
     assert ids[0, 0] == tokenizer.bos_token_id  # framed as training framed every document
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, cli.model.eval()(ids))
+    # issue 21.14: a decoder pads on the left (batched generate continues each row's own last token), an
+    # encoder on the right; the length limit is the model's context, not transformers' 1e30
+    assert tokenizer.padding_side == ("left" if auto_class is AutoModelForCausalLM else "right")
+    assert tokenizer.model_max_length == model.config.max_position_embeddings < 1e6
+    batch = tokenizer(["The code of Velora is 4812.", "Hi."], padding=True, return_tensors="pt")
+    last = batch["input_ids"][:, -1 if tokenizer.padding_side == "left" else 0]
+    assert (last != tokenizer.pad_token_id).all()
+    # issue 21.17: the unigram predictor's scores on the validation targets, the level a plot marks
+    assert 0 < metrics["val/unigram_acc"] < 1
+    assert metrics["val/unigram_ppl"] == pytest.approx(math.exp(metrics["val/unigram_loss"]), rel=1e-4)
 
 
 TEACHER = "runs/mlm_random/version_0/hf_model"
@@ -207,6 +219,37 @@ def test_a_folder_of_real_text_trains_like_the_builtin_corpus(tiny_args, tmp_pat
     assert "the" in cli.datamodule.tokenizer.get_vocab() or "Ġthe" in cli.datamodule.tokenizer.get_vocab()
     metrics = json.loads((tmp_path / "runs" / "mlm_random" / "version_0" / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_a_data_folder_gives_its_txt_files_only_and_the_run_dir_lists_them(tiny_args, tmp_path):
+    """Issue 21.13: a folder's SOURCE.md (provenance) was trained on as corpus text. A folder gives its
+    `.txt` / `.txt.gz` files, as the docs say; a file the user names is read whatever its name; the run
+    dir's data_files.json lists what each split read."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    text = "".join(f"Velora {i} wrote the code {i}.\n\n" for i in range(300))
+    (folder / "a.txt").write_text(text)
+    with gzip.open(folder / "b.txt.gz", "wt") as out:
+        out.write(text)
+    (folder / "SOURCE.md").write_text("# Provenance\n\nDownloaded from somewhere, licence CC-BY.\n")
+    (folder / "notes.raw").write_text("not corpus text\n")
+    run("mlm_random", tiny_args, "--data.data_path", str(folder), "--data.vocab_size", "300")
+    listed = json.loads((tmp_path / "runs" / "mlm_random" / "version_0" / "data_files.json").read_text())
+    assert listed == {
+        "train": [str(folder / "a.txt"), str(folder / "b.txt.gz")],
+        "validation": "held out from the train files (data.val_fraction)",
+    }
+    (tmp_path / "val.md").write_text(text)
+    run(
+        "mlm_random",
+        tiny_args,
+        "--data.data_path",
+        str(folder / "a.txt"),
+        "--data.val_data_path",
+        str(tmp_path / "val.md"),
+    )
+    listed = json.loads((tmp_path / "runs" / "mlm_random" / "version_1" / "data_files.json").read_text())
+    assert listed == {"train": [str(folder / "a.txt")], "validation": [str(tmp_path / "val.md")]}
 
 
 def test_help_starts_with_masklab_keys_that_exist(capsys):

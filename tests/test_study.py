@@ -6,17 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.collections import LineCollection
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.errors import ConfigError
 from experiments import study as driver
+from experiments.stats import Estimate
 from experiments.study import ArmPlan, Driver, Outcome, main
 from experiments.study_config import load_study
-from experiments.study_report import write_report
+from experiments.study_report import RunResult, curve_panels, metric_bars, whiskers, write_report
 from tests.conftest import TINY
 
 NTP, MEAP = "experiments/configs/ntp.yaml", "experiments/configs/meap.yaml"
@@ -91,6 +95,55 @@ def test_bad_input_is_one_line_before_anything_trains(tmp_path, capsys, monkeypa
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "studies").exists()
+
+
+def test_dry_run_refuses_a_metric_name_no_run_writes_naming_the_closest(tmp_path):
+    """Issue 21.10, through the real entry point: a misspelt suite metric and a misspelt validation
+    metric are refused before anything trains (they used to pass as "every config is valid")."""
+    metrics = {"eval/needle/accc": "higher", "val/pplx": "lower", "eval/retrieval/kv/acc_position_3": "higher"}
+    config = write_study(tmp_path, evaluate={"suites": ["needle", "retrieval"]}, metrics=metrics)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.study", "--config", config, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "every config is valid" not in result.stdout
+    assert "metrics.eval/needle/accc: no run writes it (the needle suite writes eval/needle/acc, " in result.stderr
+    assert "did you mean eval/needle/acc?" in result.stderr
+    assert "metrics.val/pplx: no run writes it (a run's final validation writes val/acc, val/loss, val/ppl" in (
+        result.stderr
+    )
+    assert "did you mean val/ppl?" in result.stderr
+    assert "acc_position_3" not in result.stderr  # a placeholder name (`kv/acc_position_<p>`) matches
+
+
+def test_a_metric_only_the_other_objective_writes_is_refused_once_the_arms_models_are_known(tmp_path, monkeypatch):
+    """eval/ppl/ppl is a decoder's; encoder arms write eval/ppl/pseudo_ppl. Before the arms' configs are
+    resolved either objective may write it; the plan knows the models and refuses it."""
+    monkeypatch.setattr(driver, "launch", lambda *a: pytest.fail("a run was started"))
+    mlm = {
+        "random": {"config": "experiments/configs/mlm_random.yaml"},
+        "amlm": {"config": "experiments/configs/amlm_hard.yaml"},
+    }
+    config = write_study(
+        tmp_path, arms=mlm, baseline="random", evaluate={"suites": ["ppl"]}, metrics={"eval/ppl/ppl": "lower"}
+    )
+    study = load_study(config)  # either objective could write it
+    with pytest.raises(ConfigError) as error:
+        driver.plan(study, 1e9)
+    assert error.value.errors == [
+        f"{config}: metrics.eval/ppl/ppl: no run writes it (the ppl suite writes eval/ppl/nll, "
+        "eval/ppl/pseudo_ppl for these arms' mlm models): did you mean eval/ppl/pseudo_ppl?"
+    ]
+
+
+def test_an_unknown_size_lists_each_size_once(tmp_path):
+    path = write_study(tmp_path, sizes={"cpu": {"seeds": 3}, "gpu": {"seeds": 5}})
+    with pytest.raises(ConfigError, match=r"--size 'tpu' is not a size of this study \(sizes: cpu, gpu\)$"):
+        load_study(path, size="tpu")
 
 
 def test_unequal_budgets_pass_when_allowed_and_a_budget_sets_the_steps(tmp_path):
@@ -289,6 +342,25 @@ def test_report_on_hand_made_metrics(tmp_path):
     ]
 
 
+def test_the_report_gives_the_holm_adjusted_verdict_beside_each_comparisons_own(tmp_path):
+    """Two comparisons that are "better" alone (paired differences 1.0, 1.5, 2.0: p = 0.0351 each, worked out
+    in test_stats) are not after Holm over the study's two comparisons (2 x 0.0351 = 0.0702)."""
+    study = load_study(write_study(tmp_path, seeds=3, metrics={"val/acc": "higher", "val/ppl": "lower"}))
+    outcomes = [
+        fake_run(tmp_path, arm, seed, {"val/acc": value, "val/ppl": -value})
+        for arm, values in (("ntp", [1.0, 2.0, 3.0]), ("meap", [2.0, 3.5, 5.0]))
+        for seed, value in enumerate(values)
+    ]
+    report = write_report(study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
+    assert "This study makes 2 comparisons" in report
+    assert "| Holm-adjusted p | adjusted verdict |" in report
+    assert (
+        report.count("| +1.5 [+0.2579, +2.742] | 3 | better | 0.0702 | no difference detected (Holm, 2 comparisons) |")
+        == 1
+    )
+    assert "| ntp (baseline) | 3 | 2 ± 2.48 | [-0.4841, 4.484] | – | – | – | – | – |" in report
+
+
 def test_report_plots_the_groups_the_study_compares_when_evaluate_args_name_other_data(tmp_path):
     """`--needle.haystack essays` writes eval/needle@essays.json and eval/retrieval@kv/... keys: the heatmaps and
     the by-position plot read those groups, not the untagged ones."""
@@ -313,6 +385,73 @@ def test_report_plots_the_groups_the_study_compares_when_evaluate_args_name_othe
         "metrics.png",
         "needle.png",
         "retrieval_by_position.png",
+    ]
+
+
+def test_whiskers_stay_in_the_range_a_metric_can_take():
+    wide = Estimate(3, 0.05, 0.1, -0.2, 0.3)  # a t interval over 3 seeds reaching below 0
+    assert whiskers("val/acc", wide) == (0.0, 0.3) and whiskers("eval/entropy/acc_last", wide) == (0.0, 0.3)
+    assert whiskers("eval/ppl/pseudo_ppl", Estimate(3, 74, 30, -8.2, 156)) == (1.0, 156)
+    assert whiskers("val/loss", wide) == (-0.2, 0.3)  # a loss interval is drawn as it is
+
+
+def test_the_metric_figure_logs_perplexities_marks_the_unigram_level_and_clips_accuracy(tmp_path):
+    """Issue 21.17 on the penultimate study's spread: pseudo-perplexities from 1e2 to 1e6 (a linear axis hid
+    the baseline), an accuracy CI reaching below 0, and no line at the unigram predictor's level."""
+    study = load_study(write_study(tmp_path, seeds=3, metrics={"val/acc": "higher", "val/ppl": "lower"}))
+    values = {"ntp": ([0.157, 0.067, 0.105], [100, 270, 137]), "meap": ([0.06, 0.052, 0.062], [2.0e6, 2.6e6, 2.2e6])}
+    unigram = {"val/unigram_acc": 0.059, "val/unigram_loss": 5.6, "val/unigram_ppl": 270.4}
+    results = [
+        RunResult(arm, seed, "ok", {"val/acc": acc[seed], "val/ppl": ppl[seed], **unigram})
+        for arm, (acc, ppl) in values.items()
+        for seed in range(3)
+    ]
+    acc_ax, ppl_ax = metric_bars(study, results).axes[:2]
+    assert ppl_ax.get_yscale() == "log" and acc_ax.get_yscale() == "linear"
+    levels = {
+        ax: [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] for ax in (acc_ax, ppl_ax)
+    }
+    assert levels[acc_ax] == pytest.approx([0.059]) and levels[ppl_ax] == pytest.approx([270.4])
+    whisker_lines = [c for c in acc_ax.collections if isinstance(c, LineCollection)]
+    drawn = [y for line in whisker_lines for segment in line.get_segments() for _, y in segment]
+    assert min(drawn) == 0.0  # the baseline's interval [-0.002, 0.222], clipped at 0
+    assert "clipped to the metric's range" in acc_ax.get_title()
+
+
+def write_run_config(folder: Path, arm: str, seed: int, masking: dict | None) -> Path:
+    run = folder / "runs" / arm / f"seed_{seed}" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"masking": masking}}}))
+    return run
+
+
+def test_losses_on_different_targets_are_drawn_apart(tmp_path):
+    """train/loss of next-token arms (NTP, MEAP: the input differs, the targets do not) share an axis; an MLM
+    policy's training loss is on the tokens it chose, so each such arm gets its own panel; a second-to-last
+    model validates on its own task, so its val/loss is apart too."""
+    meap = {"class_path": "datamodules.MEAPInputMask", "init_args": {}}
+    random_mlm = {"class_path": "datamodules.RandomMLMMask"}
+    penultimate = {"class_path": "datamodules.PenultimateTokenMask"}
+    swap = {"class_path": "datamodules.SecondToLastSwap", "init_args": {"block_length": 4}}
+
+    def panels(arms: dict[str, dict | None]) -> list[tuple[str, list[str]]]:
+        folder = tmp_path / "_".join(arms)
+        folder.mkdir()
+        study = load_study(write_study(folder, arms={a: {"config": NTP} for a in arms}, baseline=next(iter(arms))))
+        results = [RunResult(a, 0, "ok", run_dir=write_run_config(folder, a, 0, m)) for a, m in arms.items()]
+        return [(tag, group) for tag, group, _ in curve_panels(study, results)]
+
+    assert panels({"ntp": None, "meap": meap}) == [("val/loss", ["ntp", "meap"]), ("train/loss", ["ntp", "meap"])]
+    assert panels({"random": random_mlm, "penultimate": penultimate}) == [
+        ("val/loss", ["random", "penultimate"]),
+        ("train/loss", ["random"]),
+        ("train/loss", ["penultimate"]),
+    ]
+    assert panels({"ntp": None, "stl": swap}) == [
+        ("val/loss", ["ntp"]),
+        ("val/loss", ["stl"]),
+        ("train/loss", ["ntp"]),
+        ("train/loss", ["stl"]),
     ]
 
 

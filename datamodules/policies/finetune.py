@@ -97,6 +97,10 @@ class PlainSFT(FineTunePolicy):
     default_ratio = None
     needs_mask_token = False
 
+    @property
+    def loss_targets(self) -> str:
+        return "the answer tokens"
+
     def __call__(self, block: SFTBlock, generator: torch.Generator) -> dict[str, Tensor]:
         ids = block.input_ids
         return {

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from core.batch import IGNORE_INDEX
-from datamodules.masking import MaskingPolicy, SelectionPolicy, TokenBlock
+from datamodules.masking import NEXT_TOKENS, MaskingPolicy, Objective, SelectionPolicy, TokenBlock
 
 
 class NoMask(MaskingPolicy):
@@ -25,6 +25,10 @@ class NoMask(MaskingPolicy):
             "attention_mask": block.attention_mask,
             "masked": torch.zeros_like(ids, dtype=torch.bool),
         }
+
+    @property
+    def loss_targets(self) -> str:
+        return NEXT_TOKENS
 
 
 class RandomMLMMask(SelectionPolicy):
@@ -60,3 +64,15 @@ class MEAPInputMask(SelectionPolicy):
         masked = masked.expand(batch, length)
         protected = block.special if not self.mask_special_tokens else block.attention_mask == 0
         return masked & ~protected
+
+
+def standard_validation(objective: Objective, val_mask_ratio: float) -> MaskingPolicy:
+    """The validation rule every policy of an objective shares (unless its `validation_policy` names
+    its own), so every variant is judged on the same task: MLM on a uniform mask at `val_mask_ratio`,
+    causal objectives on clean next-token prediction. Every chosen MLM token becomes [MASK] (no
+    80/10/10): a token left in the input would score the model for copying it, not for predicting it."""
+    if objective == "causal":
+        return NoMask()
+    policy = RandomMLMMask(mask_prob=1.0, random_prob=0.0)
+    policy.ratio = val_mask_ratio
+    return policy
