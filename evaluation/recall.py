@@ -132,6 +132,12 @@ def length_config(config: RecallConfig, block_size: int, length: int) -> RecallC
     return replace(config, filler=filler, distance=max(0, config.distance + length - block_size))
 
 
+def metric_names(options: Options, objective: str) -> list[str]:
+    """The metrics `run` writes (`<b>`: a distance bucket such as 4_7, `<n>`: a sequence length), so a study
+    can check its metric names before training."""
+    return ["acc", "acc_first", "acc_repeat", "acc_distance_<b>", "acc_length_<n>"]
+
+
 def run(loaded: LoadedModel, options: Options, predict: Predictor | None = None) -> SuiteResult:
     if options.sequences < 1:
         raise ConfigError(f"recall.sequences must be >= 1, got {options.sequences}")
