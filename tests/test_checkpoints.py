@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ConfigError
 from experiments.run import main
 from experiments.run_lock import LOCK_FILE, RunLock
 from tests.test_reliability import ENTRY, QUICKSTART, common, entry, last_line, tree
@@ -112,7 +113,7 @@ def test_a_second_process_in_the_same_run_dir_is_refused_and_a_dead_ones_lock_do
 
 def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path):
     lock = RunLock(tmp_path)
-    with pytest.raises(Exception, match=f"is in use: process {os.getpid()} is training in it"):
+    with pytest.raises(ConfigError, match=f"is in use: process {os.getpid()} is training in it"):
         RunLock(tmp_path)
     lock.release()
     RunLock(tmp_path).release()
