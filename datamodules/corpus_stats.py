@@ -112,11 +112,15 @@ class CorpusStats:
         denominators of n-gram probabilities.
     counts: counts[n-1] is [K_n] int64, the count of each kept n-gram, in the order of
         `index.grams(n)` (n-grams seen at least `min_count` times).
+    word_counts: word_counts[n-1] is [K_n] int64, the occurrences of each kept n-gram that are
+        whole words: it starts a word and the token after it does too (or is special, or the
+        block ends there), by `Vocab.is_word_start`.
     """
 
     token_counts: Tensor
     windows: Tensor
     counts: list[Tensor]
+    word_counts: list[Tensor]
     index: NgramIndex
     min_count: int
 
@@ -141,6 +145,7 @@ class CorpusStats:
             "token_counts": self.token_counts,
             "windows": self.windows,
             "counts": self.counts,
+            "word_counts": self.word_counts,
             "levels": self.index.levels,
             "min_count": self.min_count,
         }
@@ -151,18 +156,26 @@ class CorpusStats:
     def load(cls, path: Path) -> CorpusStats:
         state = torch.load(path, weights_only=True)
         index = NgramIndex(state["levels"], len(state["token_counts"]))
-        return cls(state["token_counts"], state["windows"], state["counts"], index, state["min_count"])
+        return cls(
+            state["token_counts"], state["windows"], state["counts"], state["word_counts"], index, state["min_count"]
+        )
 
 
 def count_corpus(blocks: np.ndarray | Tensor, vocab: Vocab, request: StatsRequest) -> CorpusStats:
     """Token and n-gram counts of [N, L] blocks of ids, vectorised: one sort per n."""
-    ids = torch.as_tensor(np.asarray(blocks), dtype=torch.long)  # [N, L]
+    ids = blocks.long() if isinstance(blocks, Tensor) else torch.from_numpy(np.array(blocks, dtype=np.int64))  # [N, L]
     size = vocab.size
     regular = ~vocab.is_special[ids]  # [N, L]
+    starts_word = vocab.is_word_start[ids] | ~regular  # [N, L]
+    starts_word[:, 0] = True
+    starts_word[:, 1:] |= ~regular[:, :-1]
+    ends_word = torch.ones_like(regular)  # [N, L]: the next token starts a word, or the block ends
+    ends_word[:, :-1] = starts_word[:, 1:]
     token_counts = torch.bincount(ids[regular], minlength=size)
     kept = ((token_counts >= request.min_count) & ~vocab.is_special).nonzero().squeeze(1)  # level 1, sorted
     levels, counts = [kept], [token_counts[kept]]
     node = torch.where(regular, NgramIndex.find(kept, ids), -1)  # [N, L]: level-1 index at each position
+    word_counts = [whole_word_counts(node, starts_word, ends_word, 1, len(kept))]
     whole = regular  # [N, L-n+1]: the n-gram starting here is all regular tokens
     windows = [int(regular.sum())]
     for n in range(2, request.max_n + 1):
@@ -175,4 +188,13 @@ def count_corpus(blocks: np.ndarray | Tensor, vocab: Vocab, request: StatsReques
         levels.append(unique[frequent])
         counts.append(count[frequent])
         node = NgramIndex.find(levels[-1], keys)
-    return CorpusStats(token_counts, torch.tensor(windows), counts, NgramIndex(levels, size), request.min_count)
+        word_counts.append(whole_word_counts(node, starts_word, ends_word, n, len(levels[-1])))
+    index = NgramIndex(levels, size)
+    return CorpusStats(token_counts, torch.tensor(windows), counts, word_counts, index, request.min_count)
+
+
+def whole_word_counts(node: Tensor, starts_word: Tensor, ends_word: Tensor, n: int, kept: int) -> Tensor:
+    """[kept] occurrences of each kept n-gram (its index at each start, `node` [N, L-n+1]) that
+    start a word and end where a word ends."""
+    whole = (node >= 0) & starts_word[:, : node.shape[1]] & ends_word[:, n - 1 :]
+    return torch.bincount(node[whole], minlength=kept)

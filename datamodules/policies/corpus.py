@@ -48,12 +48,13 @@ class PMIMask(SelectionPolicy):
 
     The masking vocabulary: n-grams of n = 2..max_n tokens seen at least `min_count` times in the
     training blocks, ranked by PMI_n (`ngram_pmi`) within each length, the top
-    `vocabulary_size * length_shares[n-2]` of each length kept (only n-grams with PMI_n > 0, that
-    begin a word and span at least two words). At training, occurrences of vocabulary n-grams
-    that end at a word boundary are found in the batch; where occurrences overlap, the longer one
-    wins, then the higher-ranked, then the leftmost. Each kept occurrence and each remaining whole
-    word is a masking unit; units are taken in random order until the batch's budget of
-    `ratio` of its maskable tokens is met (to within one unit, exactly in expectation), and the
+    `vocabulary_size * length_shares[n-2]` of each length kept: only n-grams with PMI_n > 0 that
+    span at least two words and occur as whole words (starting a word and ending where one ends)
+    at least `min_count` times, the token n-grams nearest the paper's word n-grams. At training,
+    the whole-word occurrences of vocabulary n-grams are found in the batch; where occurrences
+    overlap, the longer one wins, then the higher-ranked, then the leftmost. Each kept occurrence
+    and each remaining whole word is a masking unit; units are taken in random order until the
+    batch's budget of `ratio` of its maskable tokens is met (to within one unit, exactly in expectation), and the
     chosen tokens are corrupted 80/10/10.
 
     Args:
@@ -103,7 +104,8 @@ class PMIMask(SelectionPolicy):
         for n in range(2, self.max_n + 1):
             grams, scores = ngram_pmi(stats, n)
             words = word_start[grams].long().sum(1)  # word starts among the n tokens
-            eligible = (scores > 0) & word_start[grams[:, 0]] & (words >= 2)
+            whole_words = stats.word_counts[n - 1] >= stats.min_count  # often a run of whole words
+            eligible = (scores > 0) & whole_words & (words >= 2)
             quota = round(self.vocabulary_size * self.length_shares[n - 2])
             order = scores.masked_fill(~eligible, -math.inf).argsort(descending=True, stable=True)
             chosen.append(grams[order[: min(quota, int(eligible.sum()))]])
