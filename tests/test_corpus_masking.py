@@ -246,8 +246,10 @@ def test_pmi_before_its_statistics_is_an_error_and_bad_keys_are_named(vocab):
         PMIMask(max_n=4)
     with pytest.raises(ValueError, match=r"^data.masking.init_args.vocabulary_size must be >= 1, got 0$"):
         PMIMask(vocabulary_size=0)
-    with pytest.raises(ValueError, match=r"^corpus_stats.min_count must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^data.masking.init_args.min_count must be >= 1, got 0$"):
         PMIMask(min_count=0)
+    with pytest.raises(ValueError, match=r"^corpus_stats.max_n must be >= 1, got 0$"):
+        StatsRequest(max_n=0)
 
 
 # ---- frequency -------------------------------------------------------------------------------

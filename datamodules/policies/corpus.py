@@ -80,6 +80,8 @@ class PMIMask(SelectionPolicy):
             raise ValueError(f"data.masking.init_args.vocabulary_size must be >= 1, got {vocabulary_size}")
         if max_n < 2:
             raise ValueError(f"data.masking.init_args.max_n must be >= 2, got {max_n}")
+        if min_count < 1:
+            raise ValueError(f"data.masking.init_args.min_count must be >= 1, got {min_count}")
         if len(length_shares) != max_n - 1 or any(s < 0 for s in length_shares) or sum(length_shares) <= 0:
             raise ValueError(
                 f"data.masking.init_args.length_shares must be {max_n - 1} shares >= 0 (n = 2..{max_n}), "
