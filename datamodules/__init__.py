@@ -1,9 +1,11 @@
 """Corpora, tokenizer, packing, masking policies and the collate that applies them."""
 
 from core.errors import ConfigError
+from datamodules.corpus_stats import CorpusStats, StatsRequest
 from datamodules.finetune import FineTuneDataModule
 from datamodules.masking import MaskingPolicy, Policy, SelectionPolicy, TokenBlock, Vocab
 from datamodules.policies.adaptive import AdaptiveMLMMask
+from datamodules.policies.corpus import FrequencyMask, PMIMask
 from datamodules.policies.entropy import EntropyPositionMask
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT
 from datamodules.policies.sentence import LastTokenMask, MatchedRandomMask, PenultimateTokenMask, SentencePositionMask
@@ -15,16 +17,19 @@ from datamodules.pretraining import PretrainingDataModule
 __all__ = [
     "MEAPSFT",
     "AdaptiveMLMMask",
+    "CorpusStats",
     "EntropyPositionMask",
     "FineTuneDataModule",
     "FineTunePolicy",
     "FixedSpanMask",
+    "FrequencyMask",
     "GeometricSpanMask",
     "LastTokenMask",
     "MEAPInputMask",
     "MaskingPolicy",
     "MatchedRandomMask",
     "NoMask",
+    "PMIMask",
     "PenultimateTokenMask",
     "PlainSFT",
     "Policy",
@@ -33,6 +38,7 @@ __all__ = [
     "SecondToLastSwap",
     "SelectionPolicy",
     "SentencePositionMask",
+    "StatsRequest",
     "TokenBlock",
     "Vocab",
     "WholeWordMask",

@@ -23,12 +23,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from core.batch import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from datamodules.corpus_stats import CorpusStats, StatsRequest
 
 Objective = Literal["mlm", "causal"]
 NEXT_TOKENS = "every next token"  # the loss targets of next-token prediction, with or without a corrupted input
@@ -104,6 +107,9 @@ class Policy:
       the model (the collate's batch carries no labels until then).
     - `required_callbacks`: class names of the callbacks it cannot train as meant without (a policy
       never imports a callback, so it names them).
+    - `corpus_stats`: the corpus statistics it needs (a `StatsRequest`: token counts, n-gram counts
+      up to n), or None; the pre-training datamodule counts them once over the training blocks
+      and hands them to `setup_corpus`. An instance may set it in `__init__` from its arguments.
 
     The ratio lives in one place, this policy. The datamodule passes `data.mask_ratio` in when it
     receives the policy; afterwards only a callback changes it, through the `ratio` setter (the
@@ -115,6 +121,7 @@ class Policy:
     needs_mask_token: ClassVar[bool] = True
     needs_model: ClassVar[bool] = False
     required_callbacks: ClassVar[tuple[str, ...]] = ()
+    corpus_stats: StatsRequest | None = None
 
     def __init__(self) -> None:
         # A shared-memory scalar: a callback in the main process changes the ratio and the
@@ -155,6 +162,11 @@ class Policy:
     def setup(self, vocab: Vocab) -> None:
         """Called by the datamodule once the tokenizer is known, before any DataLoader worker
         starts: allocate per-type state here (in shared memory, if callbacks update it)."""
+
+    def setup_corpus(self, stats: CorpusStats) -> None:
+        """Called by the pre-training datamodule after `setup(vocab)`, before any DataLoader worker
+        starts, with the statistics `corpus_stats` asked for (counted once and cached): derive what
+        the masks need here, so workers inherit it and no worker or rank counts again."""
 
     def _ratio_repr(self) -> str:
         if not self.uses_ratio:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from core.errors import DataError, raise_if_any
 from datamodules.collate import MaskingCollator
 from datamodules.corpus import VARIANTS
+from datamodules.corpus_stats import STATS_VERSION, CorpusStats, count_corpus
 from datamodules.loading import (
     Sources,
     TokenizedDataModule,
@@ -235,16 +236,33 @@ class PretrainingDataModule(TokenizedDataModule):
             tmp.replace(path)
         return np.load(path, mmap_mode="r")
 
+    def _corpus_stats(self) -> CorpusStats | None:
+        """The statistics the policy asks for, over the training blocks: counted once, cached beside
+        the blocks under a key of the data, the tokenizer, the block size and the request."""
+        request = self.policy.corpus_stats
+        if request is None:
+            return None
+        key = stable_hash("stats", STATS_VERSION, self.source_key, self.tokenizer_source.key, self.block_size, request)
+        path = self.cache_dir / "stats" / f"{key}.pt"
+        if path.exists():
+            return CorpusStats.load(path)
+        stats = count_corpus(self._blocks("train"), self.vocab, request)
+        stats.save(path)
+        return stats
+
     # ---- Lightning hooks ---------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         for split in ("train", "validation"):
             self._blocks(split)
+        self._corpus_stats()  # rank 0 counts and caches; every rank's setup() then loads the file
 
     def setup(self, stage: str | None = None) -> None:
         check_mask_token(self.policy, self.tokenizer, self.vocab)
         self.policy.setup(self.vocab)
         self.record_files(text_files)
+        if (stats := self._corpus_stats()) is not None:
+            self.policy.setup_corpus(stats)  # before any DataLoader worker starts: workers inherit it
         self.train_blocks = self._blocks("train")
         self.val_batches = self._masked_validation(self._blocks("validation"))
 

@@ -64,6 +64,21 @@ def test_the_example_policy_masks_exactly_its_budget(extending):
     assert torch.equal(out["labels"], ids.masked_fill(ids == vocab.pad_id, -100))
 
 
+def test_the_example_statistics_policy_gets_the_counts_once_and_masks_the_rarest(extending):
+    data, batch = extending["rare_data"], extending["rare_batch"]
+    assert len(list((extending["work"] / ".cache" / "masklab" / "stats").glob("*.pt"))) == 1
+    blocks = torch.from_numpy(data.train_blocks.astype("int64"))
+    regular = ~data.vocab.is_special[blocks]
+    counts = data.policy.counts
+    assert torch.equal(counts, torch.bincount(blocks[regular], minlength=data.vocab.size).float())
+    ids, masked = batch["input_ids"], batch["masked"]
+    maskable = ~data.vocab.is_special[batch["labels"].where(masked, ids)]  # the clean ids' specials
+    assert masked.sum(1).tolist() == (0.15 * maskable.sum(1)).round().long().tolist()
+    clean = batch["labels"].where(masked, ids)
+    for row in range(len(ids)):  # every masked type is at most as frequent as every unmasked one
+        assert counts[clean[row][masked[row]]].max() <= counts[clean[row][maskable[row] & ~masked[row]]].min()
+
+
 def test_the_example_callback_sets_the_ratio_from_the_accuracy(extending):
     curriculum, data = extending["curriculum"], extending["data"]
     assert extending["trainer"].global_step == 3
