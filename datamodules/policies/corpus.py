@@ -12,7 +12,7 @@ from torch import Tensor
 
 from datamodules.corpus_stats import CorpusStats, NgramIndex, StatsRequest
 from datamodules.masking import SelectionPolicy, TokenBlock, Vocab
-from datamodules.policies.span import maskable, take_in_order
+from datamodules.policies.span import maskable, take_units
 
 PAPER_LENGTH_SHARES = (0.5, 0.25, 0.125, 0.125)  # of the vocabulary: bigrams, trigrams, 4-grams, 5-grams
 
@@ -199,15 +199,7 @@ class PMIMask(SelectionPolicy):
         return kept
 
     def select(self, block: TokenBlock, generator: torch.Generator) -> Tensor:
-        allowed = maskable(block)  # [B, L]
-        unit = self.units(block).flatten()  # [B*L]
-        count = int(unit[-1]) + 1
-        length = torch.zeros(count, dtype=torch.long).index_add_(0, unit, allowed.flatten().long())  # [U]
-        tokens = int(allowed.sum())
-        order = torch.randperm(count, generator=generator)  # units in the order they are taken
-        taken = torch.zeros(count, dtype=torch.bool)
-        taken[order[take_in_order(length[order], self.ratio * tokens, tokens, generator)]] = True
-        return taken[unit].view_as(allowed) & allowed
+        return take_units(self.units(block), maskable(block), self.ratio, generator)
 
     def __repr__(self) -> str:
         return f"PMIMask(vocabulary_size={self.vocabulary_size}, max_n={self.max_n}, {self._ratio_repr()})"

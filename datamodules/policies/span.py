@@ -40,6 +40,20 @@ def take_in_order(lengths: Tensor, budget: float, capacity: int, generator: torc
     return ((ends - lengths) + u * lengths < budget) & (ends <= capacity)
 
 
+def take_units(unit: Tensor, allowed: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
+    """[B, L] bool: whole units (words, n-grams), taken in random order until `ratio` of the
+    allowed tokens is chosen (`take_in_order`). `unit` [B, L] numbers each token's unit, counting
+    up from 0 over the flattened batch; only `allowed` tokens are chosen or counted."""
+    unit = unit.flatten()  # [B*L]
+    count = int(unit[-1]) + 1
+    length = torch.zeros(count, dtype=torch.long).index_add_(0, unit, allowed.flatten().long())  # [U]
+    tokens = int(allowed.sum())
+    order = torch.randperm(count, generator=generator)  # units in the order they are taken
+    taken = torch.zeros(count, dtype=torch.bool)
+    taken[order[take_in_order(length[order], ratio * tokens, tokens, generator)]] = True
+    return taken[unit].view_as(allowed) & allowed
+
+
 def lay_out(lengths: Tensor, tokens: int, generator: torch.Generator) -> Tensor:
     """[tokens] bool: spans of these lengths at uniformly random, non-overlapping places.
 
@@ -174,11 +188,5 @@ class WholeWordMask(SelectionPolicy):
         after_allowed = torch.zeros_like(allowed)
         after_allowed[:, 1:] = allowed[:, :-1]
         starts = block.vocab.is_word_start[block.input_ids] | ~allowed | ~after_allowed  # [B, L]
-        word = starts.flatten().long().cumsum(0) - 1  # [B*L] word id of each token
-        words = int(word[-1]) + 1
-        length = torch.zeros(words, dtype=torch.long).index_add_(0, word, allowed.flatten().long())  # [W]
-        tokens = int(allowed.sum())
-        order = torch.randperm(words, generator=generator)  # words in the order they are taken
-        taken = torch.zeros(words, dtype=torch.bool)
-        taken[order[take_in_order(length[order], self.ratio * tokens, tokens, generator)]] = True
-        return taken[word].view_as(allowed) & allowed
+        word = starts.flatten().long().cumsum(0).view_as(allowed) - 1  # [B, L] word id of each token
+        return take_units(word, allowed, self.ratio, generator)
