@@ -41,6 +41,7 @@ SUITES = {
     "second_to_last": "second_to_last",
     "entropy": "entropy",
     "recall": "recall",
+    "multi_needle": "multi_needle",
 }
 
 
@@ -56,6 +57,7 @@ DATA_FIELDS = {
     "second_to_last": ("text",),
     "entropy": ("text",),
     "recall": (),
+    "multi_needle": ("haystack",),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 
