@@ -52,6 +52,7 @@ Conclusion: True (every statement is supported) or False (something is not suppo
 PROMPTS = {"meap": MEAP_PROMPT, "grounded": GROUNDED_PROMPT}
 _SCORE = re.compile(r"^\s*\**Score\**\s*:\s*\**\s*([01])\s*\**\s*$", re.MULTILINE | re.IGNORECASE)
 _CONCLUSION = re.compile(r"^\s*\**Conclusion\**\s*:\s*\**\s*(True|False)\s*\**\s*\.?\s*$", re.MULTILINE | re.IGNORECASE)
+_FIELD = re.compile(r"\{(article|reference|summary)\}")
 _SPANS = re.compile(r"^\s*\**Problematic Spans\**\s*:\s*(\[.*\])\s*$", re.MULTILINE | re.IGNORECASE)
 
 
@@ -136,7 +137,6 @@ class Judge:
         self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=retries)
         self.model, self.prompt, self.template = model, prompt, prompt_text(prompt)
         self.cache, self.concurrency = cache, max(1, concurrency)
-        self.requests = 0  # requests sent by this judge (not counting the client's retries)
 
     def key(self, article: str, reference: str, summary: str) -> str:
         return f"{self.model}|{digest(self.template)}|{digest(article + chr(0) + reference + chr(0) + summary)}"
@@ -147,11 +147,11 @@ class Judge:
         return {r["key"]: r for r in map(json.loads, self.cache.read_text().splitlines()) if r.get("key")}
 
     def ask(self, article: str, reference: str, summary: str) -> Verdict:
-        self.requests += 1
-        text = self.template.replace("{article}", article).replace("{reference}", reference)
+        values = {"article": article, "reference": reference, "summary": summary}
+        text = _FIELD.sub(lambda m: values[m[1]], self.template)  # one pass: an article's own braces stay
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": text.replace("{summary}", summary)}]
+                model=self.model, messages=[{"role": "user", "content": text}]
             )
         except self.errors as err:  # the client has retried what it retries
             return Verdict("failed", f"{type(err).__name__}: {err}")

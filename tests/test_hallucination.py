@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from core.errors import ConfigError, DataError
 from evaluation import faithfulness, hallucination
@@ -170,3 +171,38 @@ def test_bad_input_is_one_line(causal, tiny_mlm_dir, tmp_path):
             hallucination.run(causal, options)
     with pytest.raises(ConfigError, match="hallucination needs a decoder"):
         hallucination.run(load_model(str(tiny_mlm_dir)), hallucination.Options(data=str(data)))
+
+
+def test_both_suites_run_in_training_through_the_callback(tmp_path):
+    """A tiny NTP run with multi_needle and hallucination in its EvaluationCallback (at the end of fit)."""
+    from experiments.run import main as train
+    from tests.conftest import TINY
+
+    data = write_articles(tmp_path / "articles.jsonl", 3)
+    suites = {
+        "multi_needle": {"lengths": [200], "needles": [2], "samples": 1},
+        "hallucination": {"data": str(data), "articles": 2, "max_new_tokens": 4},
+    }
+    callbacks = [{"class_path": "callbacks.EvaluationCallback", "init_args": {"suites": suites}}]
+    (tmp_path / "suites.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    train(
+        [
+            "--config",
+            "experiments/configs/ntp.yaml",
+            "--config",
+            str(tmp_path / "suites.yaml"),
+            "--experiment",
+            "meap_evals",
+            "--model.init_args.max_position_embeddings",
+            "256",
+            *TINY,
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    run_dir = tmp_path / "runs" / "meap_evals" / "version_0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"eval/multi_needle/acc", "eval/hallucination@articles/free_rate"} <= set(metrics)
+    assert len((run_dir / "eval" / "hallucination@articles.jsonl").read_text().splitlines()) == 2
