@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, DataError
+from datamodules.sources import open_hf_split
 from evaluation import faithfulness
 from evaluation.attention import attention_probs
 from evaluation.judge import Judge, Verdict, wilson
@@ -43,9 +45,11 @@ class Options:
 
     Args:
         data: JSONL (or .jsonl.gz) of articles with their reference summaries; relative to the working directory.
+        hf_dataset: a `datasets` source instead of `data` (a save_to_disk folder or a hub id).
+        hf_split: the split of `hf_dataset`.
         document_field: the record field holding the article.
         reference_field: the record field holding the reference summary.
-        id_field: the record field naming the article (its line number when absent).
+        id_field: the record field naming the article (its file and line, or row, when absent).
         articles: how many articles, drawn without replacement with `seed`.
         seed: seed of the draw.
         template: the prompt; {doc} is replaced by the article.
@@ -67,6 +71,8 @@ class Options:
     """
 
     data: str = DEFAULT_DATA
+    hf_dataset: str | None = None
+    hf_split: str = "test"
     document_field: str = "document"
     reference_field: str = "summary"
     id_field: str = "id"
@@ -95,27 +101,36 @@ class Article:
     reference: str
 
 
-def read_articles(options: Options) -> list[Article]:
-    """`options.articles` records of the data file, drawn with `options.seed`."""
+def records(options: Options) -> Iterator[tuple[str, dict]]:
+    """(where, record) of the data file's lines, or of the `datasets` source's rows."""
+    if options.hf_dataset:
+        for number, row in enumerate(open_hf_split(options.hf_dataset, None, options.hf_split)):
+            yield f"{options.hf_dataset} row {number}", row
+        return
     path = Path(options.data)
     if not path.is_file():
         raise DataError(f"hallucination.data: {options.data!r} is not a file")
     opener = gzip.open if path.name.endswith(".gz") else open
-    records = []
     with opener(path, "rt", encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            missing = [f for f in (options.document_field, options.reference_field) if f not in record]
-            if missing:
-                raise DataError(f"{path}:{number}: no field {', '.join(map(repr, missing))} (hallucination.*_field)")
-            fields = (options.document_field, options.reference_field)
-            records.append(Article(str(record.get(options.id_field, number)), *(str(record[f]) for f in fields)))
-    if not 1 <= options.articles <= len(records):
-        raise ConfigError(f"hallucination.articles={options.articles} but {path} holds {len(records)} articles")
-    chosen = np.random.default_rng(options.seed).choice(len(records), options.articles, replace=False)
-    return [records[i] for i in chosen]
+            if line.strip():
+                yield f"{path}:{number}", json.loads(line)
+
+
+def read_articles(options: Options) -> list[Article]:
+    """`options.articles` records of the data, drawn with `options.seed`."""
+    fields = (options.document_field, options.reference_field)
+    articles = []
+    for where, record in records(options):
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise DataError(f"{where}: no field {', '.join(map(repr, missing))} (hallucination.*_field)")
+        articles.append(Article(str(record.get(options.id_field, where)), *(str(record[f]) for f in fields)))
+    source = options.hf_dataset or options.data
+    if not 1 <= options.articles <= len(articles):
+        raise ConfigError(f"hallucination.articles={options.articles} but {source} holds {len(articles)} articles")
+    chosen = np.random.default_rng(options.seed).choice(len(articles), options.articles, replace=False)
+    return [articles[i] for i in chosen]
 
 
 def prompt_parts(loaded: LoadedModel, options: Options) -> tuple[list[int], list[int]]:

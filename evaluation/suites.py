@@ -60,7 +60,7 @@ DATA_FIELDS = {
     "entropy": ("text",),
     "recall": (),
     "multi_needle": ("haystack",),
-    "hallucination": ("data",),
+    "hallucination": ("data", "hf_dataset"),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 

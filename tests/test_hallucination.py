@@ -14,6 +14,7 @@ import yaml
 from core.errors import ConfigError, DataError
 from evaluation import faithfulness, hallucination
 from evaluation.model import load_model
+from evaluation.suites import group_name
 from experiments.evaluate import main as evaluate
 
 XSUM = Path(__file__).parents[1] / "../shared/data/xsum/xsum-1000.jsonl.gz"
@@ -140,6 +141,23 @@ def test_the_suite_scores_every_summary_and_writes_them(causal, tiny_causal_dir,
     metrics = json.loads((tiny_causal_dir / "metrics.json").read_text())
     assert "eval/hallucination@articles/free_rate" in metrics and "eval/multi_needle/acc" in metrics
     assert "eval/hallucination@articles/lookback_ratio" not in metrics
+
+
+def test_a_datasets_source_gives_the_articles_and_its_own_group(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"text": f"Article {i}.", "highlights": f"Summary {i}."} for i in range(4)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "news"))
+    options = hallucination.Options(
+        hf_dataset=str(tmp_path / "news"), document_field="text", reference_field="highlights", articles=4
+    )
+    articles = hallucination.read_articles(options)
+    assert sorted(a.document for a in articles) == [f"Article {i}." for i in range(4)]
+    assert {a.id for a in articles} == {f"{tmp_path / 'news'} row {i}" for i in range(4)}  # no id field: the row
+    assert group_name("hallucination", options) == "hallucination@news"
+    assert group_name("hallucination", hallucination.Options()) == "hallucination"
+    with pytest.raises(DataError, match=re.escape("news row 0: no field 'summary'")):
+        hallucination.read_articles(hallucination.Options(hf_dataset=str(tmp_path / "news"), document_field="text"))
 
 
 @pytest.mark.skipif(not XSUM.is_file(), reason="../shared/data/xsum is absent")
