@@ -205,8 +205,9 @@ def lookback(loaded: LoadedModel, prompts: list[list[int]], spans: list[slice], 
             ratios.append(float("nan"))
             continue
         ids = torch.tensor([[*prompt, *tokens]], device=loaded.device)
-        attentions = torch.cat(attention_probs(loaded.model, ids, torch.ones_like(ids)))  # [layers, H, L, L]
-        ratios.append(float(faithfulness.lookback_ratios(attentions, span, len(prompt)).mean()))
+        layers = attention_probs(loaded.model, ids, torch.ones_like(ids))  # each [1, H, L, L]: one "layer" at a time
+        per_layer = torch.stack([faithfulness.lookback_ratios(layer, span, len(prompt)) for layer in layers])
+        ratios.append(float(per_layer.mean()))  # every layer has as many heads: the mean over heads and layers
     return ratios
 
 
