@@ -103,6 +103,35 @@ def test_prompts_use_the_chat_template_when_there_is_one_and_cut_articles_at_the
     assert all(len(text) < len(a.document) for a, text in zip(articles, seen))
 
 
+class ScriptedDecoder(torch.nn.Module):
+    """`generate` appends fixed tokens to every prompt and records what it was given."""
+
+    def __init__(self, tokens: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a device for LoadedModel.device
+        self.tokens, self.calls = tokens, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append((input_ids, attention_mask, kwargs))
+        return torch.cat([input_ids, torch.tensor([self.tokens] * len(input_ids))], 1)
+
+
+def test_summaries_are_greedy_left_padded_and_stop_at_the_paragraph_end_or_eos(causal):
+    encode = lambda text: causal.tokenizer(text, add_special_tokens=False)["input_ids"]
+    scripted = copy.copy(causal)
+    scripted.model = ScriptedDecoder([*encode("\n The cat sat.\nMore text"), causal.vocab.eos_id, *encode(" after")])
+    options = hallucination.Options(max_new_tokens=16)
+    prompts = [[causal.vocab.bos_id, *encode("a b c")], [causal.vocab.bos_id, *encode("a")]]
+    assert hallucination.summarise(scripted, prompts, options) == ["The cat sat."] * 2
+    ids, attention, kwargs = scripted.model.calls[0]
+    assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] == 16
+    short = int(attention.sum(1).argmin())
+    assert ids[short, 0] == causal.vocab.pad_id and attention[short, 0] == 0 and attention[short, -1] == 1  # left
+    scripted.model.tokens = [*encode("One line"), causal.vocab.eos_id, *encode("\nafter")]
+    whole = hallucination.Options(paragraph_end="")
+    assert hallucination.summarise(scripted, prompts[:1], whole) == ["One line"]  # EOS ends it
+
+
 def test_the_suite_scores_every_summary_and_writes_them(causal, tiny_causal_dir, tmp_path):
     data = write_articles(tmp_path / "articles.jsonl.gz", 5, gz=True)
     result = hallucination.run(causal, hallucination.Options(data=str(data), articles=3, max_new_tokens=8))

@@ -3,6 +3,7 @@ scores 1 and a model blind to the prompt scores chance."""
 
 import copy
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,14 @@ def test_real_decoder_and_encoder_give_accuracies(causal, tiny_mlm_dir):
 def test_bad_options_are_one_line_errors(causal, options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         multi_needle.build_cases(causal, multi_needle.Options(**options))
+
+
+ESSAYS = Path(__file__).parents[1] / "../shared/data/pg_essays"
+
+
+@pytest.mark.skipif(not ESSAYS.is_dir(), reason="../shared/data/pg_essays is absent")
+def test_a_folder_of_essays_is_the_haystack(causal):
+    options = multi_needle.Options(haystack=str(ESSAYS), lengths=[200], needles=[2], samples=1)
+    perfect = multi_needle.run(causal, options, scorer=oracle(causal))
+    assert perfect.metrics["acc"] == 1.0
+    assert " the " in causal.tokenizer.decode(multi_needle.build_cases(causal, options)[0].ids)
