@@ -64,12 +64,15 @@ class Case:
     depth: float  # the needle's actual place: its first token's offset / haystack tokens
 
 
-def haystack_ids(loaded: LoadedModel, options: Options, tokens_needed: int) -> list[int]:
-    """Haystack text as one token list, long enough for every window."""
-    if options.haystack:
-        texts = list(load_text_files(text_files(options.haystack, "needle.haystack"), "needle.haystack")["text"])
+def haystack_ids(
+    loaded: LoadedModel, haystack: str | None, seed: int, tokens_needed: int, option: str = "needle.haystack"
+) -> list[int]:
+    """Haystack text (the files at `haystack`, or built-in corpus text of `seed`) as one token list,
+    long enough for every window; `option` names the option in errors."""
+    if haystack:
+        texts = list(load_text_files(text_files(haystack, option), option)["text"])
     else:
-        texts = BuiltinCorpus(options.seed).documents(max(20, tokens_needed // 150), "test")
+        texts = BuiltinCorpus(seed).documents(max(20, tokens_needed // 150), "test")
     ids = loaded.tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
     while len(ids) < tokens_needed:  # a short haystack repeats, as in the original test
         ids = ids + ids
@@ -89,11 +92,27 @@ def needle_lengths(loaded: LoadedModel, options: Options, new_tokens: int) -> li
     return sorted(lengths)
 
 
+def insert_needles(
+    window: list[int], is_end: np.ndarray, needles: list[list[int]], depths: list[float]
+) -> tuple[list[int], list[int]]:
+    """`window` with needle i inserted at the sentence boundary (the window's start or just after a
+    sentence end; `is_end` flags the window's tokens) nearest to `depths[i]` of the window, so no
+    needle splits a sentence. Needles at the same boundary keep their order. Returns the ids and
+    each needle's offset in the window."""
+    boundaries = np.concatenate([[0], np.flatnonzero(is_end) + 1])
+    cuts = boundaries[np.abs(boundaries[None, :] - np.asarray(depths)[:, None] * len(window)).argmin(1)].tolist()
+    ids, start = [], 0
+    for i in sorted(range(len(needles)), key=lambda i: cuts[i]):
+        ids += [*window[start : cuts[i]], *needles[i]]
+        start = cuts[i]
+    return [*ids, *window[start:]], cuts
+
+
 def build_cases(loaded: LoadedModel, options: Options, new_tokens: int) -> list[Case]:
     rng = np.random.default_rng(options.seed)
     names = BuiltinCorpus(options.seed).names
     lengths = needle_lengths(loaded, options, new_tokens)
-    haystack = haystack_ids(loaded, options, 2 * max(lengths))
+    haystack = haystack_ids(loaded, options.haystack, options.seed, 2 * max(lengths))
     is_end = loaded.vocab.is_sentence_end[torch.tensor(haystack)].numpy()
     encode = lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     cases = []
@@ -113,12 +132,10 @@ def build_cases(loaded: LoadedModel, options: Options, new_tokens: int) -> list[
                 if size < 0:
                     raise ConfigError(f"needle.lengths: {length} tokens cannot hold the needle and the question")
                 start = int(rng.integers(0, len(haystack) - size + 1))
-                window = haystack[start : start + size]
-                # the window's start and every place just after a sentence end
-                boundaries = np.concatenate([[0], np.flatnonzero(is_end[start : start + size]) + 1])
-                cut = int(boundaries[np.abs(boundaries - depth * size).argmin()])
-                ids = [loaded.vocab.bos_id, *window[:cut], *needle, *window[cut:], *question]
-                cases.append(Case(ids, fact["value"], length, cut / max(size, 1)))
+                body, (cut,) = insert_needles(
+                    haystack[start : start + size], is_end[start : start + size], [needle], [depth]
+                )
+                cases.append(Case([loaded.vocab.bos_id, *body, *question], fact["value"], length, cut / max(size, 1)))
     return cases
 
 

@@ -22,6 +22,9 @@ class SuiteResult:
     )  # name -> figure: <suite>_<name>.png, TB image eval/<suite>/<name>
     table: str = ""  # markdown for the report (a table or a few lines), without a heading
     details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras, written to eval/<suite>.json
+    records: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # one JSON line each (per-item outputs): eval/<suite>.jsonl
 
 
 def update_metrics_json(path: Path, metrics: dict[str, float], replace: Iterable[str] = ()) -> dict[str, float]:

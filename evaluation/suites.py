@@ -5,7 +5,8 @@ in training report the same numbers under the same names. A suite's results form
 on the suite's default data, `s@<tag>` when its options choose other data (`data_tag`), so results
 on different data never share a key. Metric `m` of group `g` is the flat key and TensorBoard tag
 `eval/g/m`; figure `f` is `<out>/g_f.png` and the TB image `eval/g/f`; the group's markdown is
-`<out>/g.md` and its extras `<out>/g.json`; `<out>/report.md` gathers every group evaluated so far.
+`<out>/g.md`, its extras `<out>/g.json` and its per-item records (if any) `<out>/g.jsonl`;
+`<out>/report.md` gathers every group evaluated so far.
 Saving a group replaces all of its earlier keys in metrics.json (see docs/evaluation.md).
 """
 
@@ -41,6 +42,8 @@ SUITES = {
     "second_to_last": "second_to_last",
     "entropy": "entropy",
     "recall": "recall",
+    "multi_needle": "multi_needle",
+    "hallucination": "hallucination",
 }
 
 
@@ -56,6 +59,8 @@ DATA_FIELDS = {
     "second_to_last": ("text",),
     "entropy": ("text",),
     "recall": (),
+    "multi_needle": ("haystack",),
+    "hallucination": ("data", "hf_dataset"),
 }
 MAX_TAG_NAMES = 3  # more names than this are shortened to the first one, a count and a hash
 
@@ -175,6 +180,8 @@ def save_results(
         (out_dir / f"{suite}.json").write_text(
             json.dumps({"metrics": result.metrics, **result.details}, indent=2) + "\n"
         )
+        if result.records:
+            (out_dir / f"{suite}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
     metrics = flat_metrics(results)
     if writer is not None:
         for tag, value in metrics.items():

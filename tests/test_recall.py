@@ -20,7 +20,7 @@ from datamodules.recall import RecallConfig, generate, recall_tokenizer
 from datamodules.tokenizer import vocab_of
 from evaluation import recall
 from evaluation.model import LoadedModel
-from evaluation.suites import parse_suites
+from evaluation.suites import metric_names, name_matches, parse_suites
 
 NTP, MEAP = "experiments/configs/ntp.yaml", "experiments/configs/meap.yaml"
 BASE = RecallConfig(pairs=4, queries=6, keys=16, values=16)  # 21 tokens with <bos>
@@ -148,6 +148,8 @@ def test_an_oracle_scores_1_a_random_pair_1_over_pairs_and_a_constant_1_over_val
     perfect = recall.run(loaded, OPTIONS, oracle)
     assert perfect.metrics["acc"] == perfect.metrics["acc_first"] == perfect.metrics["acc_repeat"] == 1.0
     assert perfect.metrics["acc_length_40"] == 1.0 and np.array(perfect.details["accuracy_by_pair_and_length"]).min()
+    templates = metric_names("recall", OPTIONS, "causal")  # what a study's metric check accepts
+    assert all(any(name_matches(t, name) for t in templates) for name in perfect.metrics)
     rng = torch.Generator().manual_seed(0)
     random_pair = lambda ids, slots: ids[:, 2:9:2].gather(1, torch.randint(0, 4, slots.shape, generator=rng))
     assert abs(recall.run(loaded, OPTIONS, random_pair).metrics["acc"] - 1 / BASE.pairs) < 0.03
