@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from datamodules.masking import Vocab
 
 STATS_VERSION = 1  # bump when the counting rules change: cached statistics are then recounted
 
@@ -114,7 +113,7 @@ class CorpusStats:
         `index.grams(n)` (n-grams seen at least `min_count` times).
     word_counts: word_counts[n-1] is [K_n] int64, the occurrences of each kept n-gram that are
         whole words: it starts a word and the token after it does too (or is special, or the
-        block ends there), by `Vocab.is_word_start`.
+        block ends there), by the vocabulary's `is_word_start`.
     """
 
     token_counts: Tensor
@@ -161,7 +160,16 @@ class CorpusStats:
         )
 
 
-def count_corpus(blocks: np.ndarray | Tensor, vocab: Vocab, request: StatsRequest) -> CorpusStats:
+class TokenKinds(Protocol):
+    """What counting needs of a vocabulary (a `datamodules.masking.Vocab` has it; the policy contract
+    imports this module, so this module does not import the contract)."""
+
+    size: int
+    is_special: Tensor  # [V] bool
+    is_word_start: Tensor  # [V] bool
+
+
+def count_corpus(blocks: np.ndarray | Tensor, vocab: TokenKinds, request: StatsRequest) -> CorpusStats:
     """Token and n-gram counts of [N, L] blocks of ids, vectorised: one sort per n."""
     ids = blocks.long() if isinstance(blocks, Tensor) else torch.from_numpy(np.array(blocks, dtype=np.int64))  # [N, L]
     size = vocab.size
