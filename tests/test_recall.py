@@ -124,6 +124,7 @@ def test_the_datamodule_serves_recall_blocks_with_its_own_vocabulary_and_never_m
         ),
         ({"block_size": 30}, r"^data.recall.filler='none' leaves 9 of data.block_size=30 tokens empty"),
         ({"recall": replace(BASE, filler="gauss")}, r"^data.recall.filler must be one of"),
+        ({"hf_dataset": "wikitext"}, r"^data.builtin_variant='recall' is built in: unset data.data_path"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(kwargs, message):
