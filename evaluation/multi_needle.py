@@ -27,18 +27,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
 
 from core.errors import ConfigError
 from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
+from evaluation.heatmap import heatmap
 from evaluation.model import LoadedModel
-from evaluation.needle import haystack_ids, insert_needles
+from evaluation.needle import haystack_ids, insert_needles, needle_lengths
 from evaluation.options import as_names
 from evaluation.result import SuiteResult
 from evaluation.scoring import answer_logprobs
@@ -162,25 +159,12 @@ def answer_budget(loaded: LoadedModel, counts: list[int]) -> int:
     return len(loaded.tokenizer(" " + values_answer(["10000"] * counts[-1]), add_special_tokens=False)["input_ids"]) + 1
 
 
-def prompt_lengths(loaded: LoadedModel, options: Options, budget: int) -> list[int]:
-    """The prompt lengths, checked against the model's context (prompt + answer must fit)."""
-    limit = loaded.context_length - budget
-    lengths = options.lengths or [int(x) for x in np.linspace(limit / 4, limit, 4)]
-    too_long = [n for n in lengths if n > limit]
-    if too_long:
-        raise ConfigError(
-            f"multi_needle.lengths {too_long} exceed the model's context: {loaded.context_length} tokens "
-            f"minus {budget} answer tokens leaves at most {limit}"
-        )
-    return sorted(lengths)
-
-
 def build_cases(loaded: LoadedModel, options: Options) -> list[Case]:
     """Cases task-major, then needles, then length, then sample."""
     tasks, counts = checked(options)
     rng = np.random.default_rng(options.seed)
     names = name_pool(loaded, options.seed)
-    lengths = prompt_lengths(loaded, options, answer_budget(loaded, counts))
+    lengths = needle_lengths(loaded, options, answer_budget(loaded, counts), "multi_needle")
     haystack = haystack_ids(loaded, options.haystack, options.seed, 2 * max(lengths), "multi_needle.haystack")
     is_end = loaded.vocab.is_sentence_end[torch.tensor(haystack)].numpy()
     encode = lambda texts: loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -217,22 +201,6 @@ def choice_credit(scores: Tensor) -> Tensor:
     return tied[:, 0] / tied.sum(1)
 
 
-def heatmap(grid: np.ndarray, counts: list[int], lengths: list[int], title: str):
-    """Accuracy by number of needles (rows) and prompt length (columns)."""
-    figure, axes = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.45 * len(counts) + 1.5))
-    image = axes.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for (row, col), value in np.ndenumerate(grid):
-        axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    axes.set_yticks(range(len(counts)), [str(k) for k in counts])
-    axes.set_xlabel("prompt length (tokens)")
-    axes.set_ylabel("needles")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="accuracy")
-    figure.tight_layout()
-    return figure
-
-
 def metric_names(options: Options, objective: str) -> list[str]:
     """The metrics `run` writes (`<k>`: a needle count, `<n>`: a context length), so a study can check
     its metric names before training."""
@@ -261,7 +229,8 @@ def run(loaded: LoadedModel, options: Options, scorer: Scorer | None = None) -> 
     metrics |= {f"{task}/acc": float(cells[i].mean()) for i, task in enumerate(tasks)}
     metrics |= {f"acc_needles_{k}": float(grid[i].mean()) for i, k in enumerate(counts)}
     metrics |= {f"acc_length_{n}": float(grid[:, i].mean()) for i, n in enumerate(lengths)}
-    figure = heatmap(grid, counts, lengths, f"multi_needle: accuracy {credit.mean():.2f}")
+    needles = [str(k) for k in counts]
+    figure = heatmap(grid, needles, lengths, f"multi_needle: accuracy {credit.mean():.2f}", "needles", "accuracy")
     table = "\n".join(
         [
             "| needles | chance | " + " | ".join(str(n) for n in lengths) + " | mean |",

@@ -13,10 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torchmetrics.functional.text.rouge import rouge_score
@@ -24,6 +20,7 @@ from torchmetrics.functional.text.rouge import rouge_score
 from core.errors import ConfigError
 from datamodules.corpus import ATTRIBUTES, BuiltinCorpus
 from datamodules.sources import load_text_files, text_files
+from evaluation.heatmap import heatmap
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
 from evaluation.scoring import Answerer, answer_logprobs, answers, exact_match
@@ -79,14 +76,15 @@ def haystack_ids(
     return ids
 
 
-def needle_lengths(loaded: LoadedModel, options: Options, new_tokens: int) -> list[int]:
-    """The prompt lengths, checked against the model's context (prompt + answer must fit)."""
+def needle_lengths(loaded: LoadedModel, options: Options, new_tokens: int, suite: str = "needle") -> list[int]:
+    """The prompt lengths of `options.lengths` (default: 4 up to the context), checked against the
+    model's context (prompt + answer must fit); `suite` names the option in the error."""
     limit = loaded.context_length - new_tokens
     lengths = options.lengths or [int(x) for x in np.linspace(limit / 4, limit, 4)]
     too_long = [n for n in lengths if n > limit]
     if too_long:
         raise ConfigError(
-            f"needle.lengths {too_long} exceed the model's context: {loaded.context_length} tokens "
+            f"{suite}.lengths {too_long} exceed the model's context: {loaded.context_length} tokens "
             f"minus {new_tokens} answer tokens leaves at most {limit}"
         )
     return sorted(lengths)
@@ -139,23 +137,6 @@ def build_cases(loaded: LoadedModel, options: Options, new_tokens: int) -> list[
     return cases
 
 
-def heatmap(grid: np.ndarray, lengths: list[int], title: str):
-    """Exact match by depth (rows) and length (columns)."""
-    depths = grid.shape[0]
-    figure, axes = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.35 * depths + 1.5))
-    image = axes.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for (row, col), value in np.ndenumerate(grid):
-        axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    axes.set_yticks(range(depths), [f"{100 * d:.0f}%" for d in np.linspace(0, 1, depths)])
-    axes.set_xlabel("prompt length (tokens)")
-    axes.set_ylabel("needle depth")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="exact match")
-    figure.tight_layout()
-    return figure
-
-
 # the value is one of the 9000 four-digit numbers: a uniform guess gives each the log-probability ln(1/9000)
 CHANCE = {"value_logprob": -math.log(9000)}
 
@@ -178,7 +159,8 @@ def run(loaded: LoadedModel, options: Options, answerer: Answerer | None = None)
     grid = (
         correct.reshape(len(lengths), options.depths, options.samples).mean(-1).T
     )  # [depths, lengths]: cases are length-major
-    figure = heatmap(grid, lengths, f"needle: exact match {correct.mean():.2f}")
+    depths = [f"{100 * d:.0f}%" for d in np.linspace(0, 1, options.depths)]
+    figure = heatmap(grid, depths, lengths, f"needle: exact match {correct.mean():.2f}", "needle depth", "exact match")
     values = [loaded.tokenizer(" " + c.value, add_special_tokens=False)["input_ids"] for c in cases]
     value_logprob = answer_logprobs(loaded, [c.ids for c in cases], values, options.batch_size)  # [cases]
     metrics = {

@@ -15,16 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
 
 from core.errors import ConfigError
 from datamodules.recall import RecallConfig, RecallSequences, generate
+from evaluation.heatmap import heatmap
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
 
@@ -99,22 +96,6 @@ def distance_buckets(distance: np.ndarray, correct: np.ndarray) -> dict[str, flo
     return {f"{2**b}_{2 ** (b + 1) - 1}": float(correct[bucket == b].mean()) for b in np.unique(bucket)}
 
 
-def heatmap(grid: np.ndarray, lengths: list[int], title: str):
-    """Accuracy by asked pair (rows) and sequence length (columns)."""
-    figure, axes = plt.subplots(figsize=(1.1 * len(lengths) + 2.5, 0.35 * grid.shape[0] + 1.5))
-    image = axes.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for (row, col), value in np.ndenumerate(grid):
-        axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    axes.set_yticks(range(grid.shape[0]), [str(p + 1) for p in range(grid.shape[0])])
-    axes.set_xlabel("sequence length (tokens)")
-    axes.set_ylabel("position of the asked pair")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="accuracy")
-    figure.tight_layout()
-    return figure
-
-
 def heatmap_lengths(loaded: LoadedModel, options: Options, block_size: int) -> list[int]:
     context = loaded.context_length
     lengths = options.lengths or sorted({block_size, *np.linspace(block_size, context, 4).round().astype(int).tolist()})
@@ -184,5 +165,8 @@ def run(loaded: LoadedModel, options: Options, predict: Predictor | None = None)
         ]
     )
     details = {"lengths": lengths, "accuracy_by_pair_and_length": grid.tolist(), "accuracy_by_distance": distances}
-    figure = heatmap(grid, lengths, f"recall: accuracy {metrics['acc']:.2f}")
+    pairs = [str(p + 1) for p in range(grid.shape[0])]
+    figure = heatmap(
+        grid, pairs, lengths, f"recall: accuracy {metrics['acc']:.2f}", "position of the asked pair", "accuracy"
+    )
     return SuiteResult(metrics, {"heatmap": figure}, table, details)
