@@ -50,13 +50,14 @@ for name in ("transformers", "lightning", "datasets", "jsonargparse", "liger-ker
 
 @dataclass
 class Stage:
-    """One step of the visit: a command and the seconds it may take at most."""
+    """One step of the visit: a command, its extra environment, and how it went."""
 
     name: str
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     status: str = "not started"
-    seconds: float = 0.0
+    started: float = 0.0  # perf_counter() at its start
+    seconds: float = 0.0  # how long it ran
     note: str = ""
 
 
@@ -83,18 +84,18 @@ def start(visit: Visit, stage: Stage) -> subprocess.Popen | None:
     if visit.left() <= 0:
         stage.status, stage.note = "not started", "budget spent"
         return None
-    log = visit.log(stage).open("w")
-    log.write(f"$ {shlex.join(stage.command)}\n")
-    log.flush()
-    stage.status, stage.seconds = "running", time.perf_counter()
-    return subprocess.Popen(
-        stage.command,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **visit.env, **stage.env, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
+    with visit.log(stage).open("w") as log:  # the process writes through its own copy of the file
+        log.write(f"$ {shlex.join(stage.command)}\n")
+        log.flush()
+        stage.status, stage.started = "running", time.perf_counter()
+        return subprocess.Popen(
+            stage.command,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **visit.env, **stage.env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
 
 
 def finish(visit: Visit, running: dict[str, tuple[Stage, subprocess.Popen]], deadline: float) -> None:
@@ -105,13 +106,13 @@ def finish(visit: Visit, running: dict[str, tuple[Stage, subprocess.Popen]], dea
             code = process.poll()
             if code is not None:
                 stage.status = "ok" if code == 0 else f"failed (exit {code})"
-                stage.seconds = time.perf_counter() - stage.seconds
+                stage.seconds = time.perf_counter() - stage.started
                 del running[name]
         if running and time.perf_counter() - visit.started >= deadline:
             for stage, process in running.values():
                 stop(process)
                 stage.status = f"cut at {deadline:.0f} s of the budget"
-                stage.seconds = time.perf_counter() - stage.seconds
+                stage.seconds = time.perf_counter() - stage.started
             running.clear()
         time.sleep(0.2)
     write_summary(visit)
@@ -136,7 +137,7 @@ def run_stages(visit: Visit, stages: list[Stage], deadline: float) -> None:
     finish(visit, running, deadline)
 
 
-def test_outcomes(xml: Path) -> list[tuple[str, str, float]]:
+def junit_outcomes(xml: Path) -> list[tuple[str, str, float]]:
     """(test, outcome, seconds) of every test in a pytest JUnit XML file."""
     if not xml.is_file():
         return []
@@ -162,7 +163,7 @@ def write_summary(visit: Visit) -> None:
     for stage in visit.stages:
         seconds = "" if stage.status in ("running", "not started") else f"{stage.seconds:.1f}"
         lines.append(f"| {stage.name} | {stage.status} | {seconds} | {stage.note} |")
-    tests = test_outcomes(visit.out / "tests.xml")
+    tests = junit_outcomes(visit.out / "tests.xml")
     if tests:
         passed = sum(outcome == "passed" for _, outcome, _ in tests)
         lines += ["", f"tests: {passed} of {len(tests)} passed", "", "| test | outcome | s |", "| --- | --- | ---: |"]
