@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from callbacks.peak_flops import peak_flops
 from core.errors import ConfigError, MasklabError
 from evaluation.suites import suite_module
 from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study, metric_name_errors, resolve_references
@@ -151,8 +152,6 @@ def gpu_seconds(config: dict, tokens: int, device: str) -> float:
     """Time of one run of `tokens` on one GPU `device` in bf16, beside the study's other runs: the
     slower of the model FLOPs at `GPU_MFU` and the launch-bound floor per step, plus a run's fixed cost."""
     from torch import bfloat16
-
-    from callbacks.peak_flops import peak_flops
 
     compute = flops_per_token(config) * tokens / (peak_flops(device, bfloat16) * GPU_MFU)
     launches = tokens / tokens_per_step(config) * model_shape(config)[1] * GPU_STEP_S_PER_LAYER
