@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,15 @@ from datamodules.loading import (
 from datamodules.masking import Vocab
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT, SFTBlock
 from datamodules.qa_corpus import QACorpus
+from datamodules.recall import RecallConfig, recall_tokenizer, sft_pairs
 from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
 
 TRUNCATIONS = ("prompt_start", "end", "drop")
+BUILTIN_VARIANTS = ("qa", "recall")
+TEMPLATES = {  # (prompt, answer) per built-in variant: the recall vocabulary has no words for "Answer:"
+    "qa": ("{prompt}\nAnswer:", " {answer}"),
+    "recall": ("{prompt}", " {answer}"),
+}
 Pair = tuple[str, str]
 
 
@@ -229,7 +235,8 @@ class FineTuneDataModule(TokenizedDataModule):
         prompt_field: the field / column holding the prompt.
         answer_field: the field / column holding the answer.
         prompt_template: the text before the answer; ``{prompt}`` is replaced by the prompt.
-        answer_template: the answer's text; ``{answer}`` is replaced by the answer.
+            None = ``"{prompt}\nAnswer:"`` (``"{prompt}"`` for the recall variant).
+        answer_template: the answer's text; ``{answer}`` is replaced by the answer. None = ``" {answer}"``.
         truncation: what to do with a sample longer than `block_size`: ``prompt_start`` (cut the
             start of the prompt, drop a sample whose answer alone does not fit), ``end`` (cut the
             end, i.e. the answer, as the reference code does), ``drop``. Every cut and drop is
@@ -237,6 +244,11 @@ class FineTuneDataModule(TokenizedDataModule):
         builtin_documents: samples the built-in QA generator makes for training (named like the
             pre-training key, so the same command-line overrides work).
         builtin_max_facts: most facts in a built-in key–value context (sets context length).
+        builtin_variant: the built-in samples: "qa" (long-context QA and key–value retrieval in
+            English) or "recall" (associative recall over ids: the key-value pairs are the prompt,
+            the queries with their values the answer; `data.recall` as in pre-training, no filler).
+        recall: the recall samples' options (pairs, queries, key/value vocabularies); the vocabulary
+            must be the pre-trained run's, so keep its `data.recall` keys.
         val_fraction: share held out for validation when no validation source is given (built-in:
             validation samples = this share of `builtin_documents`, at least 8, from their own stream).
         tokenizer_path: a tokenizer folder, or a run dir / HF model folder (its `hf_model/` is
@@ -263,11 +275,13 @@ class FineTuneDataModule(TokenizedDataModule):
         hf_val_split: str | None = None,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
-        prompt_template: str = "{prompt}\nAnswer:",
-        answer_template: str = " {answer}",
+        prompt_template: str | None = None,
+        answer_template: str | None = None,
         truncation: str = "prompt_start",
         builtin_documents: int = 2000,
         builtin_max_facts: int = 16,
+        builtin_variant: str = "qa",
+        recall: RecallConfig = RecallConfig(),
         val_fraction: float = 0.05,
         tokenizer_path: str | None = None,
         vocab_size: int = 4096,
@@ -281,14 +295,17 @@ class FineTuneDataModule(TokenizedDataModule):
         raise_if_any(self.config_errors(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
         sources = Sources(data_path, val_data_path, hf_dataset, hf_config, hf_split, hf_val_split)
         tokenizer = str(model_folder(tokenizer_path)) if tokenizer_path else None
-        super().__init__(sources, tokenizer, vocab_size, cache_dir, batch_size, num_workers, pin_memory, seed)
+        build = (lambda: recall_tokenizer(recall)) if builtin_variant == "recall" else None
+        super().__init__(sources, tokenizer, vocab_size, cache_dir, batch_size, num_workers, pin_memory, seed, build)
         policy = masking if masking is not None else PlainSFT()
         self.policy = adopt_policy(policy, FineTunePolicy, "datamodules.PretrainingDataModule", mask_ratio)
         self.builtin_documents, self.val_fraction, self.block_size = builtin_documents, val_fraction, block_size
         self.prompt_field, self.answer_field = prompt_field, answer_field
-        self.prompt_template, self.answer_template = prompt_template, answer_template
+        default_prompt, default_answer = TEMPLATES[builtin_variant]
+        self.prompt_template = default_prompt if prompt_template is None else prompt_template
+        self.answer_template = default_answer if answer_template is None else answer_template
         self.truncation = truncation
-        self.builtin_max_facts = builtin_max_facts
+        self.builtin_max_facts, self.builtin_variant, self.recall = builtin_max_facts, builtin_variant, recall
         self.prepared: dict[str, PreparedSplit] = {}
         self._pairs: dict[str, list[Pair]] = {}
 
@@ -301,8 +318,9 @@ class FineTuneDataModule(TokenizedDataModule):
         if args.get("truncation", "prompt_start") not in TRUNCATIONS:
             errors.append(f"data.truncation must be one of {', '.join(TRUNCATIONS)}; got {args['truncation']!r}")
         for key, placeholder in (("prompt_template", "{prompt}"), ("answer_template", "{answer}")):
-            if key in args and placeholder not in args[key]:
+            if args.get(key) is not None and placeholder not in args[key]:
                 errors.append(f"data.{key} must contain {placeholder}, got {args[key]!r}")
+        errors += _recall_errors(args)
         errors += _policy_errors(args)
         return errors
 
@@ -318,6 +336,8 @@ class FineTuneDataModule(TokenizedDataModule):
             )
         if sources.hf_dataset:
             return stable_hash("sft-hf", sources.hf_dataset, sources.hf_config, sources.hf_split, sources.hf_val_split)
+        if self.builtin_variant == "recall":
+            return stable_hash("sft-recall", self.seed, self.builtin_documents, self.recall)
         return stable_hash("sft-builtin", self.seed, self.builtin_documents, self.builtin_max_facts)
 
     def pairs(self, split: str) -> list[Pair]:
@@ -334,11 +354,14 @@ class FineTuneDataModule(TokenizedDataModule):
             split,
             files=lambda path, key: read_jsonl(jsonl_files(path, key), *fields),
             hf=lambda name: read_hf(self.sources.hf_dataset, self.sources.hf_config, name, *fields),
-            builtin=lambda: [
-                (e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(share, split)
-            ],
+            builtin=lambda: self._builtin_pairs(share, split),
             holdout=lambda pairs: self._holdout(pairs, split),
         )
+
+    def _builtin_pairs(self, count: int, split: str) -> list[Pair]:
+        if self.builtin_variant == "recall":
+            return sft_pairs(self.recall, count, self.seed, split)
+        return [(e.prompt, e.answer) for e in QACorpus(self.seed, self.builtin_max_facts).examples(count, split)]
 
     def _holdout(self, pairs: list[Pair], split: str) -> list[Pair]:
         if len(pairs) < 2:
@@ -406,6 +429,36 @@ class FineTuneDataModule(TokenizedDataModule):
     def val_dataloader(self) -> DataLoader:
         collate = SFTCollator(self.policy.validation_policy(), self.vocab, self.seed, self.block_size)
         return self.loaders.validation(SFTSamples(self.prepared["validation"]), self.trainer, collate)
+
+
+def _recall_errors(args: dict) -> list[str]:
+    """The built-in variant and, for recall samples, their options: each sample is `<bos>`, pairs,
+    queries and EOS, with no filler, and must fit data.block_size whole."""
+    variant = args.get("builtin_variant", "qa")
+    if variant not in BUILTIN_VARIANTS:
+        return [f"data.builtin_variant must be one of {', '.join(BUILTIN_VARIANTS)}; got {variant!r}"]
+    if variant != "recall":
+        return []
+    errors = []
+    if args.get("data_path") or args.get("hf_dataset"):
+        errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
+    recall = args.get("recall")
+    if not isinstance(recall, RecallConfig):  # the CLI's early check passes nested keys flat: "recall.pairs"
+        recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
+    if recall.distance:
+        errors.append(
+            f"data.recall.distance={recall.distance}: fine-tuning samples hold no filler (the pairs are the "
+            "prompt, the queries the answer); set it to 0"
+        )
+        recall = replace(recall, distance=0)
+    errors += recall.errors(recall.min_length)
+    block_size = args.get("block_size", 1024)
+    if not errors and block_size < recall.min_length + 1:
+        errors.append(
+            f"data.block_size={block_size} is shorter than a recall sample ({recall.min_length + 1} tokens: <bos>, "
+            f"{recall.pairs} pairs, {recall.queries} queries, EOS)"
+        )
+    return errors
 
 
 def _policy_errors(args: dict) -> list[str]:

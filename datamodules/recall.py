@@ -90,7 +90,12 @@ class RecallConfig:
 
     def free_tokens(self, block_size: int) -> int:
         """Filler tokens per sequence: what `<bos>`, pairs and queries leave of `block_size`."""
-        return block_size - 1 - 2 * (self.pairs + self.queries)
+        return block_size - self.min_length
+
+    @property
+    def min_length(self) -> int:
+        """`<bos>`, pairs and queries: a sequence without filler (the length of a fine-tuning sample)."""
+        return 1 + 2 * (self.pairs + self.queries)
 
     @property
     def key_offset(self) -> int:
@@ -133,6 +138,15 @@ class RecallSequences:
     pair: np.ndarray  # index of the pair the query asks for (0 = first pair)
     distance: np.ndarray  # query key position - its pair's value position
     first: np.ndarray  # bool: the first query of its key in the sequence
+
+
+def sft_pairs(config: RecallConfig, count: int, seed: int, split: str = "train") -> list[tuple[str, str]]:
+    """`count` fine-tuning samples as (prompt, answer) text: the pairs are the prompt, the queries with
+    their values the answer, so `<bos> prompt answer` is a recall sequence without filler."""
+    sequences = generate(config, config.min_length, count, seed, split)
+    tokens = np.array(config.tokens())[sequences.ids[:, 1:]]  # [N, L-1] token strings, <bos> left out
+    split_at = 2 * config.pairs
+    return [(" ".join(row[:split_at]), " ".join(row[split_at:])) for row in tokens.tolist()]
 
 
 def generate(

@@ -49,9 +49,10 @@ Predictor = Callable[[Tensor, Tensor], Tensor]
 
 
 def run_recall_config(loaded: LoadedModel) -> tuple[RecallConfig, int, int]:
-    """The run's recall options, block size and data seed; refused for a model of another corpus."""
-    data = loaded.run_config.get("data", {})
-    data = data.get("init_args", data)
+    """The run's recall options, sequence length and data seed; refused for a model of another corpus.
+    A pre-training run's sequences are its block_size long; a fine-tuning run's samples have no filler."""
+    section = loaded.run_config.get("data", {})
+    data = section.get("init_args", section)
     if data.get("builtin_variant") != "recall":
         raise ConfigError(
             "recall: the model was not trained on the recall corpus "
@@ -61,7 +62,8 @@ def run_recall_config(loaded: LoadedModel) -> tuple[RecallConfig, int, int]:
     tokens = config.tokens()
     if len(loaded.tokenizer) != len(tokens) or loaded.tokenizer.convert_tokens_to_ids(tokens[-1]) != len(tokens) - 1:
         raise ConfigError("recall: the model's tokenizer is not the vocabulary of its run's data.recall options")
-    return config, int(data["block_size"]), int(data.get("seed", 0))
+    fine_tuned = str(section.get("class_path", "")).endswith("FineTuneDataModule")
+    return config, config.min_length if fine_tuned else int(data["block_size"]), int(data.get("seed", 0))
 
 
 def model_predictor(loaded: LoadedModel, batch_size: int) -> Predictor:

@@ -34,6 +34,7 @@ import yaml
 
 from callbacks.peak_flops import peak_flops
 from core.errors import ConfigError, MasklabError
+from datamodules.recall import RecallConfig
 from evaluation.suites import suite_module
 from experiments.study_config import DEFAULT_SIZE, Arm, Study, load_study, metric_name_errors, resolve_references
 
@@ -123,7 +124,11 @@ def flops_per_token(config: dict) -> float:
     6 x (body 12·layers·d² + head vocab·d) + attention 12·layers·d·block."""
     d, layers = model_shape(config)
     data = config["data"]["init_args"]
-    vocab, block = int(data.get("vocab_size") or 4096), int(data["block_size"])
+    if data.get("builtin_variant") == "recall":  # its own id vocabulary: data.vocab_size does not apply
+        vocab = len(RecallConfig(**(data.get("recall") or {})).tokens())
+    else:
+        vocab = int(data.get("vocab_size") or 4096)
+    block = int(data["block_size"])
     return 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * block
 
 

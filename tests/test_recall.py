@@ -15,6 +15,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.errors import ConfigError
+from datamodules.finetune import FineTuneDataModule
+from datamodules.policies.finetune import MEAPSFT
 from datamodules.pretraining import PretrainingDataModule
 from datamodules.recall import RecallConfig, generate, recall_tokenizer
 from datamodules.tokenizer import vocab_of
@@ -33,12 +35,13 @@ def bound_values(ids: np.ndarray, value_position: np.ndarray) -> np.ndarray:
     return np.take_along_axis(ids, first + 1, axis=1)
 
 
-def loaded_for(config: RecallConfig, block_size: int, model: nn.Module, objective: str = "causal") -> LoadedModel:
+def loaded_for(
+    config: RecallConfig, block_size: int, model: nn.Module, objective: str = "causal", data_class: str = ""
+) -> LoadedModel:
     tokenizer = recall_tokenizer(config)
     data = {"builtin_variant": "recall", "recall": vars(config), "block_size": block_size, "seed": 0}
-    return LoadedModel(
-        model.eval(), tokenizer, vocab_of(tokenizer), objective, run_config={"data": {"init_args": data}}
-    )
+    run_config = {"data": {"class_path": data_class, "init_args": data}}
+    return LoadedModel(model.eval(), tokenizer, vocab_of(tokenizer), objective, run_config=run_config)
 
 
 class FakeLM(nn.Module):
@@ -133,6 +136,51 @@ def test_bad_input_is_one_line_naming_the_key(kwargs, message):
     assert "\n" not in str(err.value) and len(err.value.errors) == 1
 
 
+# ---- recall-formatted fine-tuning samples --------------------------------------------------
+
+
+def test_fine_tuning_samples_are_recall_sequences_with_the_queries_as_the_answer(tmp_path):
+    dm = FineTuneDataModule(
+        builtin_variant="recall", recall=BASE, block_size=44, builtin_documents=40, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+    train = dm.prepared["train"]
+    expected = generate(BASE, 21, 40, 0, bos_id=dm.vocab.bos_id).ids  # [40, 21] the same stream as pre-training
+    assert (np.stack(train.ids)[:, :-1] == expected).all() and {int(ids[-1]) for ids in train.ids} == {dm.vocab.eos_id}
+    assert set(train.answer_spans) == {(9, 22)}  # after <bos> and 4 pairs: 6 queries and EOS
+    assert len(dm.prepared["validation"].ids) == 8 and dm.prompt_template == "{prompt}"
+    assert dm.tokenizer.unk_token_id not in np.concatenate(train.ids)
+    batch = next(iter(dm.train_dataloader()))
+    labelled = batch["labels"] != -100
+    assert labelled.sum(1).tolist() == [13] * 16 and labelled[:, 9:22].all()  # plain SFT: answer and EOS only
+
+
+def test_meap_fine_tuning_copies_recall_samples_whose_answer_is_long_enough(tmp_path):
+    policy = MEAPSFT(min_answer_tokens=11)  # the 12-token answers qualify (the rule is strict: > 11)
+    dm = FineTuneDataModule(
+        policy, builtin_variant="recall", recall=BASE, block_size=44, builtin_documents=16, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (16, 44) and (batch["input_ids"][:, 22] == dm.vocab.bos_id).all()
+    assert (batch["masked"].sum(1) == 2).all()  # floor(0.10 x 20 regular tokens of the copy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"recall": replace(BASE, distance=3)}, r"^data.recall.distance=3: fine-tuning samples hold no filler"),
+        ({"block_size": 21}, r"^data.block_size=21 is shorter than a recall sample \(22 tokens"),
+        ({"recall": replace(BASE, values=3)}, r"^data.recall.pairs=4 is more than data.recall.values=3"),
+        ({"builtin_variant": "mqar"}, r"^data.builtin_variant must be one of qa, recall; got 'mqar'"),
+    ],
+)
+def test_bad_fine_tuning_input_is_one_line_naming_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        FineTuneDataModule(**{"builtin_variant": "recall", "recall": BASE, "block_size": 44, **kwargs})
+    assert "\n" not in str(err.value) and len(err.value.errors) == 1
+
+
 # ---- the suite ------------------------------------------------------------------------------
 
 VOCAB = len(BASE.tokens())
@@ -195,6 +243,15 @@ def test_a_real_decoder_runs_and_a_model_of_another_corpus_is_refused():
         recall.run(loaded, recall.Options(sequences=8))
     with pytest.raises(ConfigError, match=r"recall.lengths \[65\] exceed the model's context of 64"):
         recall.run(loaded_for(BASE, 21, LlamaForCausalLM(config)), recall.Options(lengths=[65]))
+
+
+def test_a_fine_tuned_model_is_scored_on_sequences_without_filler():
+    """A fine-tuning run's block_size is a row limit, not the sequence length: its samples are <bos>,
+    pairs and queries, so the suite scores that layout (at block_size 64 it would ask for filler)."""
+    future = lambda ids: torch.cat([ids[:, 1:], ids[:, :1]], 1)
+    loaded = loaded_for(BASE, 64, FakeLM(future, VOCAB), data_class="datamodules.FineTuneDataModule")
+    result = recall.run(loaded, recall.Options(sequences=8))
+    assert result.metrics["acc"] == 1.0 and result.details["lengths"][0] == 21
 
 
 def test_tiny_recall_study_end_to_end(tmp_path):

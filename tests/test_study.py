@@ -680,3 +680,10 @@ def test_gpu_estimate_is_the_launch_floor_for_small_models_and_the_flops_for_lar
     tokens = 1000 * 64 * 129
     flops = (6 * (12 * 32 * 4096**2 + 128 * 4096) + 12 * 32 * 4096 * 129) * tokens
     assert driver.gpu_seconds(large, tokens, "NVIDIA H200") == pytest.approx(flops / (989.5e12 * 0.3) + 50)
+
+
+def test_the_flop_guide_counts_the_recall_corpus_own_vocabulary_not_data_vocab_size():
+    data = {"vocab_size": 4096, "block_size": 65, "builtin_variant": "recall", "recall": {"keys": 32}}
+    config = {"model": {"init_args": {"hidden_size": 64, "num_layers": 2}}, "data": {"init_args": data}}
+    vocab = 7 + 32 + 64 + 64  # the special tokens, keys, values, filler types
+    assert driver.flops_per_token(config) == 6 * (12 * 2 * 64**2 + vocab * 64) + 12 * 2 * 64 * 65
