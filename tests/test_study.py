@@ -623,10 +623,15 @@ def test_tiny_study_end_to_end_then_resumed(tmp_path, capsys):
 
 
 SHIPPED_STUDIES = sorted(Path("experiments/configs/studies").glob("*.yaml"))
+EVERY_SIZE = [
+    pytest.param(path, size, id=f"{path.stem}-{size}")
+    for path in SHIPPED_STUDIES
+    for size in ["cpu", *(yaml.safe_load(path.read_text()).get("sizes") or {})]
+]
+RECALL_SIZES = [p for p in EVERY_SIZE if p.values[1] == "recall"]
 
 
-@pytest.mark.parametrize("size", ["cpu", "gpu10", "gpu"])
-@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(("path", "size"), EVERY_SIZE)
 def test_every_shipped_study_reads_at_every_size(path, size):
     """The study files' own rules (metrics under a group that the size's evaluation writes, equal
     budgets, a baseline that is an arm) at every size; the arms' run configs are validated by
@@ -654,6 +659,13 @@ def test_entropy_masking_trains_its_teacher_and_every_student_takes_its_tokenize
         "${mlm_teacher}/hf_model" in study.arms["kd"].args
         and "${mlm_teacher}/hf_model" in study.arms["teacher"].args[-1]
     )
+
+
+@pytest.mark.parametrize(("path", "size"), RECALL_SIZES)
+def test_every_recall_size_validates_its_arms(path, size, capsys):
+    """The CPU sizes on the recall corpus (issue 20): every arm's run config, budget and metric names."""
+    main(["--config", str(path), "--size", size, "--dry-run"])
+    assert "every config is valid" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
