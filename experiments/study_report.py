@@ -198,6 +198,8 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
             lines += [f"No run wrote {metric!r} to its metrics.json.", ""]
         elif len(values) == 1:
             lines += [f"Every run scored {values.pop():.4g}: this comparison answers nothing at this size.", ""]
+    if steps := learning_steps(study, results):
+        lines += steps
     lines += ["## Cost", "", cost_table(study, results), ""]
     if failed:
         lines += ["## Failed runs", "", "| arm | seed | error |", "| --- | --- | --- |"]
@@ -206,6 +208,40 @@ def report_text(study: Study, results: list[RunResult], plots: list[Path], comma
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "Every run's numbers: [results.csv](results.csv); TensorBoard: `tensorboard --logdir runs`."]
     return "\n".join(lines) + "\n"
+
+
+LEARNING_THRESHOLDS = (0.5, 0.9)
+
+
+def learning_steps(study: Study, results: list[RunResult]) -> list[str] | None:
+    """Report lines: per run, the first in-training evaluation at which the study's main (first)
+    metric reached each threshold, when that metric is a proportion the runs logged during training.
+    A claim about learning faster is about this step, not only the final value."""
+    metric = next(iter(study.metrics))
+    if not UNIT_INTERVAL.match(metric.rsplit("/", 1)[-1]):
+        return None
+    rows = []
+    for arm in study.compared:
+        for r in sorted((r for r in results if r.arm == arm and r.status == "ok" and r.run_dir), key=lambda r: r.seed):
+            curve = scalars(r.run_dir).get(metric, {})
+            if len(curve) < 2:
+                continue
+            steps = sorted(curve)
+            first = [next((str(s) for s in steps if curve[s] >= t), "never") for t in LEARNING_THRESHOLDS]
+            rows.append(f"| {arm} | {r.seed} | {' | '.join(first)} | {steps[-1]} | {curve[steps[-1]]:.3f} |")
+    if not rows:
+        return None
+    reached = " | ".join(f"first eval >= {t:g}" for t in LEARNING_THRESHOLDS)
+    return [
+        f"## Learning steps: {metric}",
+        "",
+        "The step of the first in-training evaluation at which each run reached each level (never: not by its last).",
+        "",
+        f"| arm | seed | {reached} | last eval step | at the last eval |",
+        "| --- | ---: |" + " ---: |" * (len(LEARNING_THRESHOLDS) + 2),
+        *rows,
+        "",
+    ]
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:

@@ -342,6 +342,30 @@ def test_report_on_hand_made_metrics(tmp_path):
     ]
 
 
+def test_the_report_gives_each_runs_learning_step_on_the_main_metric(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    study = load_study(
+        write_study(
+            tmp_path, evaluate={"suites": ["recall"]}, metrics={"eval/recall/acc": "higher", "val/loss": "lower"}
+        )
+    )
+    curves = {("ntp", 0): [0.1, 0.55, 0.95], ("ntp", 1): [0.2, 0.4, 0.6], ("meap", 0): [0.1, 0.2, 0.3]}
+    outcomes = []
+    for (arm, seed), values in curves.items():
+        outcomes.append(fake_run(tmp_path, arm, seed, {"eval/recall/acc": values[-1], "val/loss": 1.0}))
+        with SummaryWriter(outcomes[-1].run_dir) as writer:
+            for step, value in zip((250, 500, 750), values):
+                writer.add_scalar("eval/recall/acc", value, step)
+    outcomes.append(fake_run(tmp_path, "meap", 1, {"eval/recall/acc": 0.5, "val/loss": 1.0}))  # no curve: no row
+    report = write_report(study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
+    table = report.split("## Learning steps: eval/recall/acc")[1].split("## Cost")[0]
+    assert "| ntp | 0 | 500 | 750 | 750 | 0.950 |" in table and "| ntp | 1 | 750 | never | 750 | 0.600 |" in table
+    assert "| meap | 0 | never | never | 750 | 0.300 |" in table and "| meap | 1 |" not in table
+    plain = load_study(write_study(tmp_path / "plain", metrics={"val/loss": "lower"}))  # not a proportion: no table
+    assert "Learning steps" not in write_report(plain, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
+
+
 def test_the_report_gives_the_holm_adjusted_verdict_beside_each_comparisons_own(tmp_path):
     """Two comparisons that are "better" alone (paired differences 1.0, 1.5, 2.0: p = 0.0351 each, worked out
     in test_stats) are not after Holm over the study's two comparisons (2 x 0.0351 = 0.0702)."""
