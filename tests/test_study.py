@@ -362,6 +362,7 @@ def test_the_report_gives_each_runs_learning_step_on_the_main_metric(tmp_path):
     table = report.split("## Learning steps: eval/recall/acc")[1].split("## Cost")[0]
     assert "| ntp | 0 | 500 | 750 | 750 | 0.950 |" in table and "| ntp | 1 | 750 | never | 750 | 0.600 |" in table
     assert "| meap | 0 | never | never | 750 | 0.300 |" in table and "| meap | 1 |" not in table
+    (tmp_path / "plain").mkdir()
     plain = load_study(write_study(tmp_path / "plain", metrics={"val/loss": "lower"}))  # not a proportion: no table
     assert "Learning steps" not in write_report(plain, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
 
