@@ -34,6 +34,7 @@ from evaluation.suites import (
     suite_module,
 )
 from experiments.cli_errors import config_args, parse_error
+from experiments.run_dir import trained_step
 
 
 def build_parser() -> ArgumentParser:
@@ -50,7 +51,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--out", type=str | None, default=None, help="folder for plots and the report; default <run dir>/eval"
     )
-    parser.add_argument("--step", type=int, default=0, help="TensorBoard step of the logged results")
+    parser.add_argument(
+        "--step",
+        type=int | None,
+        default=None,
+        help="TensorBoard step of the logged results; default the step its training ended at (0 for a bare model)",
+    )
     for name in SUITES:
         parser.add_class_arguments(suite_module(name).Options, name, help=f"options of the {name} suite")
     return parser
@@ -98,7 +104,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     with SummaryWriter(str(run_dir)) as writer:
-        report = save_results(results, out_dir, run_dir / "metrics.json", writer, config.step)
+        step = trained_step(run_dir) if config.step is None else config.step
+        report = save_results(results, out_dir, run_dir / "metrics.json", writer, step)
     print(report.read_text())
     print(f"metrics: {run_dir / 'metrics.json'}\nreport: {report}")
     return flat_metrics(results)

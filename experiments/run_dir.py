@@ -33,6 +33,13 @@ def run_status(run_dir: Path) -> str | None:
     return FINISHED if (run_dir / "metrics.json").is_file() else None
 
 
+def trained_step(run_dir: Path) -> int:
+    """The step a run's training ended at (its `status.json`), 0 for a folder no run wrote: where an
+    evaluation of its final weights belongs on the run's TensorBoard axis."""
+    status = run_dir / STATUS_FILE
+    return int(json.loads(status.read_text()).get("step", 0)) if status.is_file() else 0
+
+
 def write_status(run_dir: Path, status: str, step: int, message: str | None = None) -> None:
     """Record how the run ended, so `--ckpt_path last` and a reader of the run dir can tell."""
     record = {"status": status, "step": step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -117,6 +117,11 @@ def test_evaluate_merges_into_metrics_json_and_keeps_earlier_keys(trained_run, t
     assert after["eval/needle/acc"] == before["eval/needle/acc"] and after["val/loss"] == before["val/loss"]
     assert after["eval/blimp/acc"] == metrics["eval/blimp/acc"] and after["eval/ppl/ppl"] == metrics["eval/ppl/ppl"]
     assert scalars(trained_run)["eval/blimp/acc"] == {7: pytest.approx(metrics["eval/blimp/acc"])}
+    # without --step, at the step the run's training ended (its status.json), not at 0 before its curve
+    ended = json.loads((trained_run / "status.json").read_text())["step"]
+    again = evaluate(["--run", str(trained_run), "--suites", "ppl", "--ppl.max_blocks", "2"])
+    logged = scalars(trained_run)["eval/ppl/ppl"]
+    assert logged[ended] == pytest.approx(again["eval/ppl/ppl"]) and ended > 0 and 0 not in logged
     report = (trained_run / "eval" / "report.md").read_text()
     assert "## blimp" in report and "## needle" in report  # sections of earlier evaluations stay in the report
     assert "| blimp | acc |" in capsys.readouterr().out
