@@ -215,10 +215,11 @@ LEARNING_THRESHOLDS = (0.5, 0.9)
 
 def learning_steps(study: Study, results: list[RunResult]) -> list[str] | None:
     """Report lines: per run, the first in-training evaluation at which the study's main (first)
-    metric reached each threshold, when that metric is a proportion the runs logged during training.
-    A claim about learning faster is about this step, not only the final value."""
+    metric reached each threshold, when that metric is an evaluation suite's proportion (`eval/...`)
+    that the runs logged during training (an `EvaluationCallback`). A claim about learning an ability
+    faster is about this step, not only the final value; the objective's own `val/acc` makes no such claim."""
     metric = next(iter(study.metrics))
-    if not UNIT_INTERVAL.match(metric.rsplit("/", 1)[-1]):
+    if not (metric.startswith("eval/") and UNIT_INTERVAL.match(metric.rsplit("/", 1)[-1])):
         return None
     rows = []
     for arm in study.compared:

@@ -357,14 +357,16 @@ def test_the_report_gives_each_runs_learning_step_on_the_main_metric(tmp_path):
         with SummaryWriter(outcomes[-1].run_dir) as writer:
             for step, value in zip((250, 500, 750), values):
                 writer.add_scalar("eval/recall/acc", value, step)
+                writer.add_scalar("val/acc", value, step)  # the objective's own: no learning-step claim
     outcomes.append(fake_run(tmp_path, "meap", 1, {"eval/recall/acc": 0.5, "val/loss": 1.0}))  # no curve: no row
     report = write_report(study, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
     table = report.split("## Learning steps: eval/recall/acc")[1].split("## Cost")[0]
     assert "| ntp | 0 | 500 | 750 | 750 | 0.950 |" in table and "| ntp | 1 | 750 | never | 750 | 0.600 |" in table
     assert "| meap | 0 | never | never | 750 | 0.300 |" in table and "| meap | 1 |" not in table
-    (tmp_path / "plain").mkdir()
-    plain = load_study(write_study(tmp_path / "plain", metrics={"val/loss": "lower"}))  # not a proportion: no table
-    assert "Learning steps" not in write_report(plain, {"ntp": 128, "meap": 128}, outcomes, tmp_path, "...").read_text()
+    for name, metric in (("loss", "val/loss"), ("objective", "val/acc")):  # not a suite's proportion: no table
+        (tmp_path / name).mkdir()
+        plain = load_study(write_study(tmp_path / name, metrics={metric: "lower"}))
+        assert "Learning steps" not in write_report(plain, {"ntp": 128}, outcomes, tmp_path, "...").read_text()
 
 
 def test_the_report_gives_the_holm_adjusted_verdict_beside_each_comparisons_own(tmp_path):
