@@ -32,7 +32,7 @@ from datamodules.loading import (
 from datamodules.masking import Vocab
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT, SFTBlock
 from datamodules.qa_corpus import QACorpus
-from datamodules.recall import RecallConfig, recall_tokenizer, sft_pairs
+from datamodules.recall import RecallConfig, recall_options, recall_tokenizer, sft_pairs
 from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
 
 TRUNCATIONS = ("prompt_start", "end", "drop")
@@ -439,12 +439,7 @@ def _recall_errors(args: dict) -> list[str]:
         return [f"data.builtin_variant must be one of {', '.join(BUILTIN_VARIANTS)}; got {variant!r}"]
     if variant != "recall":
         return []
-    errors = []
-    if args.get("data_path") or args.get("hf_dataset"):
-        errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
-    recall = args.get("recall")
-    if not isinstance(recall, RecallConfig):  # the CLI's early check passes nested keys flat: "recall.pairs"
-        recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
+    recall, errors = recall_options(args)
     if recall.distance:
         errors.append(
             f"data.recall.distance={recall.distance}: fine-tuning samples hold no filler (the pairs are the "

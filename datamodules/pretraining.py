@@ -23,7 +23,7 @@ from datamodules.loading import (
 from datamodules.masking import MaskingPolicy, TokenBlock
 from datamodules.packing import pack, tokenize
 from datamodules.policies.standard import NoMask, standard_validation
-from datamodules.recall import RecallConfig, generate, recall_tokenizer
+from datamodules.recall import RecallConfig, generate, recall_options, recall_tokenizer
 from datamodules.sources import (
     TEXT_RULES,
     builtin_dataset,
@@ -156,12 +156,8 @@ class PretrainingDataModule(TokenizedDataModule):
         if variant not in BUILTIN_VARIANTS:
             errors.append(f"data.builtin_variant must be one of {BUILTIN_VARIANTS}, got {variant!r}")
         if variant == RECALL:
-            if args.get("data_path") or args.get("hf_dataset"):
-                errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
-            recall = args.get("recall")
-            if not isinstance(recall, RecallConfig):  # the CLI's early check passes nested keys flat: "recall.pairs"
-                recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
-            errors += recall.errors(args.get("block_size", 128))
+            recall, source_errors = recall_options(args)
+            errors += source_errors + recall.errors(args.get("block_size", 128))
         return errors
 
     @property

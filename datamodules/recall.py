@@ -119,6 +119,18 @@ class RecallConfig:
         ]
 
 
+def recall_options(args: dict) -> tuple[RecallConfig, list[str]]:
+    """A datamodule's recall options from its init arguments (the CLI's early check passes nested keys
+    flat: "recall.pairs"), and the error of a data source named beside this built-in corpus."""
+    recall = args.get("recall")
+    if not isinstance(recall, RecallConfig):
+        recall = RecallConfig(**{k[len("recall.") :]: v for k, v in args.items() if k.startswith("recall.")})
+    errors = []
+    if args.get("data_path") or args.get("hf_dataset"):
+        errors.append("data.builtin_variant='recall' is built in: unset data.data_path / data.hf_dataset")
+    return recall, errors
+
+
 def recall_tokenizer(config: RecallConfig) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the corpus' ids (pad = 0 like masklab's BPE); its text is the
     tokens joined by spaces, so an exported model reloads with `AutoTokenizer` and decodes readably."""
