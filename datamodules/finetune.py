@@ -416,11 +416,24 @@ class FineTuneDataModule(TokenizedDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         check_mask_token(self.policy, self.tokenizer, self.vocab)
+        if self.builtin_variant == "recall":
+            self._check_recall_vocabulary()
         self.policy.setup(self.vocab)
         self.record_files(jsonl_files)
         for split in ("train", "validation"):
             if split not in self.prepared:
                 self.prepared[split] = self.prepare(split)
+
+    def _check_recall_vocabulary(self) -> None:
+        """Recall samples are ids of the recall vocabulary of these `data.recall` keys: another tokenizer
+        (a BPE pre-trained on text, other key or value counts) would turn them into other tokens silently."""
+        expected = {token: i for i, token in enumerate(self.recall.tokens())}
+        if self.tokenizer.get_vocab() != expected:
+            raise DataError(
+                f"data.builtin_variant='recall': tokenizer {self.tokenizer.name_or_path!r} is not the recall "
+                f"vocabulary of these data.recall keys ({len(expected)} tokens); fine-tune a run pre-trained on the "
+                "recall corpus with the same keys, values and filler_tokens"
+            )
 
     def train_dataloader(self) -> DataLoader:
         collate = SFTCollator(self.policy, self.vocab, self.seed, self.block_size)

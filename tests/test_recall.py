@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from datamodules.finetune import FineTuneDataModule
 from datamodules.policies.finetune import MEAPSFT
 from datamodules.pretraining import PretrainingDataModule
@@ -164,6 +164,14 @@ def test_meap_fine_tuning_copies_recall_samples_whose_answer_is_long_enough(tmp_
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (16, 44) and (batch["input_ids"][:, 22] == dm.vocab.bos_id).all()
     assert (batch["masked"].sum(1) == 2).all()  # floor(0.10 x 20 regular tokens of the copy)
+
+
+def test_fine_tuning_on_recall_samples_refuses_another_vocabulary(tmp_path):
+    other = tmp_path / "other"
+    recall_tokenizer(replace(BASE, keys=20)).save_pretrained(other)  # a recall run with other key counts
+    dm = FineTuneDataModule(builtin_variant="recall", recall=BASE, block_size=44, tokenizer_path=str(other))
+    with pytest.raises(DataError, match=r"^data.builtin_variant='recall': tokenizer .* is not the recall vocabulary"):
+        dm.setup()
 
 
 @pytest.mark.parametrize(
