@@ -32,7 +32,7 @@ from datamodules.loading import (
 from datamodules.masking import Vocab
 from datamodules.policies.finetune import MEAPSFT, FineTunePolicy, PlainSFT, SFTBlock
 from datamodules.qa_corpus import QACorpus
-from datamodules.recall import RecallConfig, recall_options, recall_tokenizer, sft_pairs
+from datamodules.recall import RecallConfig, is_recall_vocabulary, recall_options, recall_tokenizer, sft_pairs
 from datamodules.sources import files_fingerprint, open_hf_split, stable_hash
 
 TRUNCATIONS = ("prompt_start", "end", "drop")
@@ -427,12 +427,11 @@ class FineTuneDataModule(TokenizedDataModule):
     def _check_recall_vocabulary(self) -> None:
         """Recall samples are ids of the recall vocabulary of these `data.recall` keys: another tokenizer
         (a BPE pre-trained on text, other key or value counts) would turn them into other tokens silently."""
-        expected = {token: i for i, token in enumerate(self.recall.tokens())}
-        if self.tokenizer.get_vocab() != expected:
+        if not is_recall_vocabulary(self.tokenizer, self.recall):
             raise DataError(
                 f"data.builtin_variant='recall': tokenizer {self.tokenizer.name_or_path!r} is not the recall "
-                f"vocabulary of these data.recall keys ({len(expected)} tokens); fine-tune a run pre-trained on the "
-                "recall corpus with the same keys, values and filler_tokens"
+                f"vocabulary of these data.recall keys ({len(self.recall.tokens())} tokens); fine-tune a run "
+                "pre-trained on the recall corpus with the same keys, values and filler_tokens"
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from datamodules.tokenizer import SPECIAL_TOKENS
 
@@ -138,6 +138,11 @@ def recall_tokenizer(config: RecallConfig) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def is_recall_vocabulary(tokenizer: PreTrainedTokenizerBase, config: RecallConfig) -> bool:
+    """Whether `tokenizer` is exactly the vocabulary of these options (another would read the ids as other tokens)."""
+    return tokenizer.get_vocab() == {token: i for i, token in enumerate(config.tokens())}
 
 
 @dataclass

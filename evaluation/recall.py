@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from core.errors import ConfigError
-from datamodules.recall import RecallConfig, RecallSequences, generate
+from datamodules.recall import RecallConfig, RecallSequences, generate, is_recall_vocabulary
 from evaluation.heatmap import heatmap
 from evaluation.model import LoadedModel
 from evaluation.result import SuiteResult
@@ -59,8 +59,7 @@ def run_recall_config(loaded: LoadedModel) -> tuple[RecallConfig, int, int]:
             f"(data.builtin_variant is {data.get('builtin_variant')!r}); the suite scores only recall runs"
         )
     config = RecallConfig(**(data.get("recall") or {}))
-    tokens = config.tokens()
-    if len(loaded.tokenizer) != len(tokens) or loaded.tokenizer.convert_tokens_to_ids(tokens[-1]) != len(tokens) - 1:
+    if not is_recall_vocabulary(loaded.tokenizer, config):
         raise ConfigError("recall: the model's tokenizer is not the vocabulary of its run's data.recall options")
     fine_tuned = str(section.get("class_path", "")).endswith("FineTuneDataModule")
     return config, config.min_length if fine_tuned else int(data["block_size"]), int(data.get("seed", 0))

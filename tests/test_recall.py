@@ -253,6 +253,15 @@ def test_a_real_decoder_runs_and_a_model_of_another_corpus_is_refused():
         recall.run(loaded_for(BASE, 21, LlamaForCausalLM(config)), recall.Options(lengths=[65]))
 
 
+def test_a_model_whose_tokenizer_is_not_its_runs_recall_vocabulary_is_refused():
+    loaded = loaded_for(BASE, 21, FakeLM(lambda ids: ids, VOCAB))
+    loaded.run_config["data"]["init_args"]["recall"] = vars(replace(BASE, values=20))
+    with pytest.raises(
+        ConfigError, match="recall: the model's tokenizer is not the vocabulary of its run's data.recall"
+    ):
+        recall.run(loaded, recall.Options(sequences=8))
+
+
 def test_a_fine_tuned_model_is_scored_on_sequences_without_filler():
     """A fine-tuning run's block_size is a row limit, not the sequence length: its samples are <bos>,
     pairs and queries, so the suite scores that layout (at block_size 64 it would ask for filler)."""
