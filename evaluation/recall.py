@@ -6,6 +6,8 @@ decoder is scored teacher-forced in one pass: its argmax before each query's val
 the value bound to the query's key. An encoder gets every value slot of the queries as [MASK] and
 must fill each. Accuracy is split by the query's distance to its pair (power-of-two buckets) and
 by whether it is the first query of its key (a repeat can also copy the earlier query's answer).
+`chance` is 1/pairs, what answering with a random value of the context scores on every accuracy here:
+the plateau a model sits on before it learns to look a key up (a constant answer scores ~1/values).
 The heatmap is the needle view: accuracy by sequence length x the asked pair's position; lengths
 beyond `block_size` put the extra filler between the pairs and the queries.
 """
@@ -117,7 +119,7 @@ def length_config(config: RecallConfig, block_size: int, length: int) -> RecallC
 def metric_names(options: Options, objective: str) -> list[str]:
     """The metrics `run` writes (`<b>`: a distance bucket such as 4_7, `<n>`: a sequence length), so a study
     can check its metric names before training."""
-    return ["acc", "acc_first", "acc_repeat", "acc_distance_<b>", "acc_length_<n>"]
+    return ["acc", "acc_first", "acc_repeat", "acc_distance_<b>", "acc_length_<n>", "chance"]
 
 
 def run(loaded: LoadedModel, options: Options, predict: Predictor | None = None) -> SuiteResult:
@@ -154,6 +156,7 @@ def run(loaded: LoadedModel, options: Options, predict: Predictor | None = None)
     distances = distance_buckets(main_sequences.distance, main)
     metrics |= {f"acc_distance_{bucket}": value for bucket, value in distances.items()}
     metrics |= {f"acc_length_{n}": value for n, value in by_length.items()}
+    metrics["chance"] = 1 / config.pairs  # depends on the run's data, so the suite writes it beside the accuracies
     table = "\n".join(
         [
             f"accuracy {metrics['acc']:.3f} over {main.size} queries of {options.sequences} held-out sequences "

@@ -310,14 +310,25 @@ def unigram_level(results: list[RunResult], arms: list[str], metric: str) -> flo
     return float(np.mean(values)) if values else None
 
 
+def evaluation_panels(study: Study, runs: dict[Path, dict[str, dict[int, float]]]) -> list[tuple[str, list[str], str]]:
+    """(tag, arms, title) per study metric of a suite that the runs evaluated during training (an
+    `EvaluationCallback`): the curve a claim about learning faster is about, beside the losses."""
+    return [
+        (metric, study.compared, f"{metric} during training ({study.metrics[metric]} is better)")
+        for metric in study.metrics
+        if metric.startswith("eval/") and any(len(run.get(metric, {})) > 1 for run in runs.values())
+    ]
+
+
 def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dict[str, int]):
-    """train/loss and val/loss against tokens: the mean over seeds, and the band from the lowest to
-    the highest seed, per arm; losses on different targets in different panels; the unigram
-    predictor's validation loss as a line where the runs logged it. None when no run logged a loss."""
+    """train/loss and val/loss against tokens, and the study's metrics evaluated during training: the
+    mean over seeds, and the band from the lowest to the highest seed, per arm; losses on different
+    targets in different panels; the unigram predictor's validation loss and a suite's chance level as
+    lines where known. None when no run logged a loss."""
     runs = {r.run_dir: scalars(r.run_dir) for r in results if r.status == "ok" and r.run_dir}
     if not any(tag in run for run in runs.values() for tag in CURVES):
         return None
-    panels = curve_panels(study, results)
+    panels = curve_panels(study, results) + evaluation_panels(study, runs)
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(
@@ -339,6 +350,8 @@ def learning_curves(study: Study, results: list[RunResult], tokens_per_step: dic
             ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.2)
         if tag == "val/loss" and (level := unigram_level(results, arms, tag)) is not None:
             reference_line(ax, level, f"unigram predictor ({level:.3g})")
+        elif tag.startswith("eval/") and (level := reference_level(results, arms, tag)) is not None:
+            reference_line(ax, *level)
         ax.set_xlabel("tokens trained")
         ax.set_ylabel(tag)
         ax.set_title(f"{title}\nmean over seeds, band = lowest to highest seed", fontsize=9)
@@ -365,14 +378,24 @@ def whiskers(metric: str, e: Estimate) -> tuple[float, float]:
     return low, high
 
 
+def run_chance(results: list[RunResult], arms: list[str], metric: str) -> float | None:
+    """Chance for an accuracy whose suite wrote it beside the accuracies, because it depends on the run's
+    data (`eval/recall/chance`, 1/pairs); None unless every run of the arms wrote the same level."""
+    group, _, name = metric.rpartition("/")
+    if not (group.startswith("eval/") and name != "chance" and UNIT_INTERVAL.search(name)):
+        return None
+    levels = {r.metrics.get(f"{group}/chance") for r in results if r.arm in arms and r.status == "ok"}
+    return levels.pop() if len(levels) == 1 and None not in levels else None
+
+
 def reference_level(results: list[RunResult], arms: list[str], metric: str) -> tuple[float, str] | None:
     """The level at which a metric says nothing was learnt, where it is known: the unigram predictor's
     for the final validation (when every run validates on its objective's shared task, so one level fits
-    all), chance for a suite that knows it."""
+    all), chance for a suite that knows it or wrote it."""
     shared = not any(loss_targets(r.run_dir)[1] for r in results if r.arm in arms and r.status == "ok")
     if shared and (level := unigram_level(results, arms, metric)) is not None:
         return level, f"unigram predictor ({level:.3g})"
-    if (level := chance_level(metric)) is not None:
+    if (level := chance_level(metric)) is not None or (level := run_chance(results, arms, metric)) is not None:
         return level, f"chance ({level:.3g})"
     return None
 

@@ -20,7 +20,7 @@ from experiments import study as driver
 from experiments.stats import Estimate
 from experiments.study import ArmPlan, Driver, Outcome, main
 from experiments.study_config import load_study
-from experiments.study_report import RunResult, curve_panels, metric_bars, whiskers, write_report
+from experiments.study_report import RunResult, curve_panels, learning_curves, metric_bars, whiskers, write_report
 from tests.conftest import TINY
 
 NTP, MEAP = "experiments/configs/ntp.yaml", "experiments/configs/meap.yaml"
@@ -367,6 +367,34 @@ def test_the_report_gives_each_runs_learning_step_on_the_main_metric(tmp_path):
         (tmp_path / name).mkdir()
         plain = load_study(write_study(tmp_path / name, metrics={metric: "lower"}))
         assert "Learning steps" not in write_report(plain, {"ntp": 128}, outcomes, tmp_path, "...").read_text()
+
+
+def test_recall_curves_are_drawn_during_training_with_the_chance_level_the_suite_wrote(tmp_path):
+    """The recall claims are about learning faster: the learning-curve figure gets a panel per suite metric
+    evaluated during training, and both figures mark the 1/pairs the recall suite wrote as chance."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics = {"eval/recall/acc": "higher", "val/loss": "lower"}
+    study = load_study(write_study(tmp_path, evaluate={"suites": ["recall"]}, metrics=metrics))
+    curves = {("ntp", 0): [0.1, 0.5], ("ntp", 1): [0.2, 0.9], ("meap", 0): [0.1, 0.2], ("meap", 1): [0.1, 0.4]}
+    results = []
+    for (arm, seed), values in curves.items():
+        final = {"eval/recall/acc": values[-1], "eval/recall/chance": 0.125, "val/loss": 1.0}
+        run = fake_run(tmp_path, arm, seed, final)
+        with SummaryWriter(run.run_dir) as writer:
+            for step, value in zip((250, 500), values):
+                writer.add_scalar("train/loss", 3.0 - value, step)
+                writer.add_scalar("eval/recall/acc", value, step)
+        results.append(RunResult(arm, seed, "ok", final, run_dir=Path(run.run_dir)))
+    axes = {ax.get_ylabel(): ax for ax in learning_curves(study, results, {"ntp": 128, "meap": 128}).axes}
+    recall_ax = axes["eval/recall/acc"]
+    mean_lines = [line for line in recall_ax.get_lines() if line.get_linestyle() == "-"]
+    assert [list(line.get_ydata()) for line in mean_lines] == [pytest.approx([0.15, 0.7]), pytest.approx([0.1, 0.3])]
+    chance = lambda ax: [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert chance(recall_ax) == [0.125] and chance(axes["train/loss"]) == []
+    assert chance(metric_bars(study, results).axes[0]) == [0.125]
+    results[-1].metrics["eval/recall/chance"] = 0.25  # runs of different pair counts share no chance level
+    assert chance(metric_bars(study, results).axes[0]) == []
 
 
 def test_the_report_gives_the_holm_adjusted_verdict_beside_each_comparisons_own(tmp_path):
