@@ -428,6 +428,9 @@ def metric_bars(study: Study, results: list[RunResult]):
             reference_line(ax, *level)
         if log:
             ax.set_yscale("log")
+        if UNIT_INTERVAL.search(metric.rpartition("/")[2]):  # no axis below 0 or far above 1 for a proportion
+            bottom, top = ax.get_ylim()
+            ax.set_ylim(max(bottom, -0.02), min(max(top, 0.1), 1.02))
         ax.set_xticks(
             range(len(arms)), arms, rotation=20 if len(arms) > 3 else 0, ha="right" if len(arms) > 3 else "center"
         )

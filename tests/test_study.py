@@ -473,6 +473,17 @@ def test_the_metric_figure_logs_perplexities_marks_the_unigram_level_and_clips_a
     assert "clipped to the metric's range" in acc_ax.get_title()
 
 
+def test_accuracy_axis_stays_within_a_proportions_range(tmp_path):
+    """Accuracies all at 0 (a retrieval suite nothing learnt) are drawn on an axis from 0 up, not one
+    centred on 0 that shows negative accuracies."""
+    study = load_study(
+        write_study(tmp_path, seeds=3, metrics={"eval/retrieval/acc": "higher"}, evaluate={"suites": ["retrieval"]})
+    )
+    results = [RunResult(arm, seed, "ok", {"eval/retrieval/acc": 0.0}) for arm in ("ntp", "meap") for seed in range(3)]
+    bottom, top = metric_bars(study, results).axes[0].get_ylim()
+    assert -0.02 <= bottom <= 0 and 0.1 <= top <= 1.02
+
+
 def write_run_config(folder: Path, arm: str, seed: int, masking: dict | None) -> Path:
     run = folder / "runs" / arm / f"seed_{seed}" / "version_0"
     run.mkdir(parents=True)
