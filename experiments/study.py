@@ -459,7 +459,7 @@ def dry_run(study: Study, plans: dict[str, ArmPlan], parallel: int, measured: di
     else:
         where = (
             f"estimated training time: ~{minutes(total)} in all; evaluation, process start and data preparation "
-            "are not included, and the FLOP guide is optimistic for small models (docs/studies.md)"
+            "are not included, and the FLOP guide can be off several-fold for small models (docs/studies.md)"
         )
     return "\n".join(
         [
