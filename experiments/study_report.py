@@ -412,7 +412,8 @@ def metric_bars(study: Study, results: list[RunResult]):
         ax.set_visible(False)
     arms = study.compared
     for ax, metric in zip(axes.flat, metrics):
-        log = bool(PERPLEXITY.search(metric.rpartition("/")[2]))
+        name = metric.rpartition("/")[2]
+        log = bool(PERPLEXITY.search(name))
         clipped = False
         for i, arm in enumerate(arms):
             values = list(by_seed(results, arm, metric).values())
@@ -428,7 +429,7 @@ def metric_bars(study: Study, results: list[RunResult]):
             reference_line(ax, *level)
         if log:
             ax.set_yscale("log")
-        if UNIT_INTERVAL.search(metric.rpartition("/")[2]):  # no axis below 0 or far above 1 for a proportion
+        if UNIT_INTERVAL.search(name):  # no axis below 0 or far above 1 for a proportion
             bottom, top = ax.get_ylim()
             ax.set_ylim(max(bottom, -0.02), min(max(top, 0.1), 1.02))
         ax.set_xticks(
